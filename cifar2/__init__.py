@@ -1,0 +1,1 @@
+"""CIFAR-2 (airplane vs bird) with backpropagation and SGD written by hand, checked against PyTorch."""
