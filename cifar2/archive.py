@@ -105,6 +105,7 @@ class _BatchUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes in a protocol 2 pickle
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -133,10 +134,17 @@ def _read_member(archive: tarfile.TarFile, path: Path, member: str) -> dict[str,
     if handle is None:
         raise ArchiveError(f"Member {name} of {path} is not a regular file.")
     try:
-        return _decode_keys(_BatchUnpickler(handle, encoding="bytes").load(), member)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
-        raise ArchiveError(f"Member {name} of {path} cannot be read ({error}); the archive is "
-                           "corrupt. Delete it and obtain a fresh copy.") from None
+        batch = _BatchUnpickler(handle, encoding="bytes").load()
+    except ArchiveError as error:
+        raise ArchiveError(f"Member {name} of {path}: {error} Use the official "
+                           "cifar-10-python.tar.gz.") from None
+    except (tarfile.TarError, zlib.error):
+        raise  # reported by extract_classes as a corrupt archive
+    except Exception as error:  # noqa: BLE001  (a corrupt pickle can raise almost anything)
+        raise ArchiveError(f"Member {name} of {path} cannot be read ({type(error).__name__}: "
+                           f"{error}); the archive is corrupt. Delete it and obtain a fresh "
+                           "copy.") from None
+    return _decode_keys(batch, member)
 
 
 def _read_batch(archive: tarfile.TarFile, path: Path, member: str) -> tuple[np.ndarray, np.ndarray]:
@@ -148,10 +156,11 @@ def _read_batch(archive: tarfile.TarFile, path: Path, member: str) -> tuple[np.n
     labels = np.asarray(batch["labels"], dtype=np.int64)
     if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
         raise ArchiveError(f"Batch {member} of {path} holds data of dtype {images.dtype} and shape "
-                           f"{images.shape}; expected uint8 of shape (N, 3072).")
+                           f"{images.shape}; expected uint8 of shape (N, 3072). Use the official "
+                           "cifar-10-python.tar.gz.")
     if labels.shape != (images.shape[0],):
         raise ArchiveError(f"Batch {member} of {path} has {images.shape[0]} images but "
-                           f"{labels.size} labels.")
+                           f"{labels.size} labels; the archive is corrupt. Obtain a fresh copy.")
     return images, labels
 
 
@@ -182,8 +191,9 @@ def extract_classes(archive_path: str | Path, classes: Sequence[str], output: st
                            for name in (names or [])]
             missing = [name for name in classes if name not in label_names]
             if missing:
-                raise ArchiveError(f"Class {missing[0]!r} is not in the archive's label_names "
-                                   f"{label_names}. Fix data.classes.")
+                raise ArchiveError(f"Archive {archive_path}: class {missing[0]!r} is not in its "
+                                   f"label_names {label_names}. Fix data.classes, or use the "
+                                   "official cifar-10-python.tar.gz.")
             class_ids = np.array([label_names.index(name) for name in classes])
             # remap[cifar_label] is the label's position in ``classes``; other classes never reach it.
             remap = np.full(len(label_names), -1, dtype=np.int64)
@@ -209,9 +219,11 @@ def extract_classes(archive_path: str | Path, classes: Sequence[str], output: st
 
     arrays["class_names"] = np.array(list(classes))
     for split in ("train", "test"):
-        if arrays[f"{split}_labels"].size == 0:
-            raise ArchiveError(f"Archive {archive_path} has no {split} images of classes "
-                               f"{list(classes)}; check data.classes and the archive.")
+        counts = np.bincount(arrays[f"{split}_labels"], minlength=len(classes))
+        for name, count in zip(classes, counts):
+            if count == 0:
+                raise ArchiveError(f"Archive {archive_path} has no {split} images of class "
+                                   f"{name!r}; check data.classes and the archive.")
     save_npz(output, arrays)
     counts = {split: int(arrays[f"{split}_labels"].size) for split in ("train", "test")}
     logger.info("Extracted %d training and %d test images of %s into %s.", counts["train"],

@@ -35,7 +35,12 @@ class CrossEntropy:
         return F.cross_entropy(y_hat, y)
 
     def gradient(self, y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # Same formula, evaluated in the order autograd uses (PyTorch 2.x): the gradient of the
+        # mean negative log-likelihood with respect to the log-probabilities is g = -onehot / B,
+        # and the log-softmax step maps it to g - softmax * sum(g). Following that order makes
+        # the result equal to autograd's to the last bit, not just to rounding.
         batch = y_hat.shape[0]
-        probabilities = torch.softmax(y_hat, dim=1)
         onehot = F.one_hot(y, num_classes=y_hat.shape[1]).to(y_hat.dtype)
-        return (probabilities - onehot) / batch
+        g = onehot * (-1.0 / batch)
+        probabilities = torch.exp(torch.log_softmax(y_hat, dim=1))
+        return g - probabilities * g.sum(dim=1, keepdim=True)

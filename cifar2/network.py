@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+N_INPUTS = 3 * 32 * 32  # a flattened CIFAR-10 image
+
 
 @dataclass(frozen=True)
 class Activation:
@@ -92,7 +94,7 @@ class MLP(nn.Module):
 
 def experiment_mlp(hidden_sizes: Sequence[int], activation: str, n_classes: int,
                    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
-                   n_inputs: int = 3 * 32 * 32) -> MLP:
+                   n_inputs: int = N_INPUTS) -> MLP:
     """The experiment's network: ``n_inputs -> hidden... -> n_classes``, identity on the output."""
     sizes = [n_inputs, *hidden_sizes, n_classes]
     activations = [activation] * len(hidden_sizes) + ["identity"]

@@ -50,10 +50,13 @@ def as_float(key: str, value: Any, low: float | None = None, high: float | None 
     if isinstance(value, str):
         try:
             number = float(value.strip())
-        except ValueError:
+        except (ValueError, OverflowError):
             raise _fail(key, value, "expected a number", f"Set {key} to a number such as 0.01.") from None
     elif isinstance(value, (int, float)):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise _fail(key, value, "expected a finite number", f"Set {key} to a finite number.") from None
     else:
         raise _fail(key, value, "expected a number", f"Set {key} to a number such as 0.01.")
 
@@ -66,7 +69,7 @@ def as_float(key: str, value: Any, low: float | None = None, high: float | None 
         left = "" if low is None else f"{low} {'<=' if low_inclusive else '<'} "
         right = "" if high is None else f" {'<=' if high_inclusive else '<'} {high}"
         rule = f"must satisfy {left}{key}{right}"
-        raise _fail(key, value, rule, f"Choose a value in that range.")
+        raise _fail(key, value, rule, "Choose a value in that range.")
     return number
 
 
@@ -257,7 +260,9 @@ def read_params_file(path: str | Path = "params.yaml") -> dict[str, Any]:
     if not path.is_file():
         raise ParamsError(f"Parameter file {path} not found. Run the stage from the project root.")
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ParamsError(f"{path} is not UTF-8 text ({error}). Save it as UTF-8.") from None
     except yaml.YAMLError as error:
         raise ParamsError(f"{path} is not valid YAML: {error}. Fix the syntax.") from None
     if not isinstance(tree, Mapping):

@@ -114,67 +114,91 @@ def _step(model: MLP, optimizer, mode: str, x: torch.Tensor, y: torch.Tensor) ->
 _CROSS_ENTROPY = CrossEntropy()
 
 
-def train(model: MLP, mode: str, config: OptimizerConfig, train_x: torch.Tensor, train_y: torch.Tensor,
-          val_x: torch.Tensor, val_y: torch.Tensor, epochs: int, batch_size: int,
-          shuffle: bool = False, seed: int = 0, description: str = "train",
-          parameter_log: list[list[torch.Tensor]] | None = None) -> TrainResult:
-    """Train ``model`` in place for ``epochs`` epochs and return its history and final scores.
+class Trainer:
+    """Trains one model epoch by epoch, so several runs can advance in lockstep.
 
-    A non-finite batch loss (NaN or infinity) stops the run and marks it diverged instead of
-    raising. With ``shuffle`` the batch order of each epoch comes from a generator seeded with
-    ``seed``; without it every epoch visits the samples in stored order. If ``parameter_log`` is
-    a list, a copy of every parameter is appended to it after each epoch.
+    ``run_epoch`` returns the epoch's history row, or None once the run has diverged: a
+    non-finite batch loss (NaN or infinity) stops it without raising. With ``shuffle`` the batch
+    order of each epoch comes from a generator seeded with ``seed``; without it every epoch
+    visits the samples in stored order.
     """
-    if mode not in MODES:
-        raise ValueError(f"Unknown training mode {mode!r}; choose one of {', '.join(MODES)}.")
-    optimizer = make_optimizer(model, mode, config)
-    n_samples = len(train_y)
-    generator = torch.Generator().manual_seed(seed)
-    result = TrainResult()
 
-    progress = tqdm(range(1, epochs + 1), desc=description, unit="epoch", leave=False)
-    started = time.perf_counter()
-    for epoch in progress:
-        order = torch.randperm(n_samples, generator=generator) if shuffle else None
+    def __init__(self, model: MLP, mode: str, config: OptimizerConfig, train_x: torch.Tensor,
+                 train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, batch_size: int,
+                 shuffle: bool = False, seed: int = 0, description: str = "train"):
+        if mode not in MODES:
+            raise ValueError(f"Unknown training mode {mode!r}; choose one of {', '.join(MODES)}.")
+        self.model, self.mode, self.description = model, mode, description
+        self.optimizer = make_optimizer(model, mode, config)
+        self.train_x, self.train_y, self.val_x, self.val_y = train_x, train_y, val_x, val_y
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+        self.result = TrainResult()
+
+    def run_epoch(self) -> dict[str, Any] | None:
+        if self.result.diverged:
+            return None
+        started = time.perf_counter()
+        epoch = len(self.result.history) + 1
+        n_samples = len(self.train_y)
+        order = torch.randperm(n_samples, generator=self.generator) if self.shuffle else None
+
         loss_sum, correct = 0.0, 0
-        for start in range(0, n_samples, batch_size):
+        for start in range(0, n_samples, self.batch_size):
             if order is None:
-                x, y = train_x[start:start + batch_size], train_y[start:start + batch_size]
+                x = self.train_x[start:start + self.batch_size]
+                y = self.train_y[start:start + self.batch_size]
             else:
-                index = order[start:start + batch_size].to(train_x.device)
-                x, y = train_x[index], train_y[index]
-            batch_loss, batch_correct = _step(model, optimizer, mode, x, y)
+                index = order[start:start + self.batch_size].to(self.train_x.device)
+                x, y = self.train_x[index], self.train_y[index]
+            batch_loss, batch_correct = _step(self.model, self.optimizer, self.mode, x, y)
             if not math.isfinite(batch_loss):
-                result.diverged, result.diverged_epoch = True, epoch
-                break
+                self.result.diverged, self.result.diverged_epoch = True, epoch
+                self.result.train_seconds += time.perf_counter() - started
+                logger.warning("%s diverged in epoch %d: the training loss became %s.",
+                               self.description, epoch, batch_loss)
+                return None
             loss_sum += batch_loss * len(y)
             correct += batch_correct
-        if result.diverged:
-            logger.warning("%s diverged in epoch %d: the training loss became %s.", description,
-                           epoch, batch_loss)
-            break
 
-        val_loss, val_accuracy, _ = evaluate(model, val_x, val_y)
-        result.history.append({
+        val_loss, val_accuracy, _ = evaluate(self.model, self.val_x, self.val_y)
+        row = {
             "epoch": epoch,
             "train_loss": loss_sum / n_samples,
             "train_accuracy": correct / n_samples,
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
-        })
-        if parameter_log is not None:
-            parameter_log.append([p.detach().clone() for p in model.parameters()])
-        progress.set_postfix(loss=f"{loss_sum / n_samples:.4f}", val_acc=f"{val_accuracy:.4f}")
-    result.train_seconds = time.perf_counter() - started
+        }
+        self.result.history.append(row)
+        self.result.train_seconds += time.perf_counter() - started
+        return row
 
-    if result.history:
-        result.final_train_loss = result.history[-1]["train_loss"]
-        result.final_val_loss = result.history[-1]["val_loss"]
-        result.final_val_accuracy = result.history[-1]["val_accuracy"]
-    if not result.diverged:
-        result.final_train_accuracy = evaluate(model, train_x, train_y)[1]
-    logger.info("%s: %d epochs in %.1f s, train loss %.4f, train accuracy %.4f, validation "
-                "accuracy %.4f%s.", description, len(result.history), result.train_seconds,
-                result.final_train_loss, result.final_train_accuracy, result.final_val_accuracy,
-                ", diverged" if result.diverged else "")
-    return result
+    def finish(self) -> TrainResult:
+        """Fill in the final scores; the training accuracy comes from one pass over the whole split."""
+        result = self.result
+        if result.history:
+            result.final_train_loss = result.history[-1]["train_loss"]
+            result.final_val_loss = result.history[-1]["val_loss"]
+            result.final_val_accuracy = result.history[-1]["val_accuracy"]
+        if not result.diverged:
+            result.final_train_accuracy = evaluate(self.model, self.train_x, self.train_y)[1]
+        logger.info("%s: %d epochs in %.1f s, train loss %.4f, train accuracy %.4f, validation "
+                    "accuracy %.4f%s.", self.description, len(result.history), result.train_seconds,
+                    result.final_train_loss, result.final_train_accuracy, result.final_val_accuracy,
+                    ", diverged" if result.diverged else "")
+        return result
+
+
+def train(model: MLP, mode: str, config: OptimizerConfig, train_x: torch.Tensor, train_y: torch.Tensor,
+          val_x: torch.Tensor, val_y: torch.Tensor, epochs: int, batch_size: int,
+          shuffle: bool = False, seed: int = 0, description: str = "train") -> TrainResult:
+    """Train ``model`` in place for up to ``epochs`` epochs and return its history and final scores."""
+    trainer = Trainer(model, mode, config, train_x, train_y, val_x, val_y, batch_size, shuffle,
+                      seed, description)
+    progress = tqdm(range(epochs), desc=description, unit="epoch", leave=False)
+    for _ in progress:
+        row = trainer.run_epoch()
+        if row is None:
+            break
+        progress.set_postfix(loss=f"{row['train_loss']:.4f}", val_acc=f"{row['val_accuracy']:.4f}")
+    return trainer.finish()
