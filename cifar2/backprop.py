@@ -37,6 +37,8 @@ def backward(model: MLP, dL_dout: torch.Tensor, store_grad: bool = True, debug: 
     Runs under ``torch.no_grad()``, so it records no autograd graph.
     """
     L = model.L
+    if L not in model.a:
+        raise ValueError("backward needs the values of a forward pass; run model(x) on this batch first.")
     if dL_dout.shape != model.a[L].shape:
         raise ValueError(f"dL_dout has shape {tuple(dL_dout.shape)}, but the output a[{L}] has "
                          f"shape {tuple(model.a[L].shape)}; run forward on this batch first.")

@@ -118,7 +118,7 @@ class Trainer:
     """Trains one model epoch by epoch, so several runs can advance in lockstep.
 
     ``run_epoch`` returns the epoch's history row, or None once the run has diverged: a
-    non-finite batch loss (NaN or infinity) stops it without raising. With ``shuffle`` the batch
+    non-finite batch loss, weight or validation loss (NaN or infinity) stops it without raising. With ``shuffle`` the batch
     order of each epoch comes from a generator seeded with ``seed``; without it every epoch
     visits the samples in stored order.
     """
@@ -153,15 +153,16 @@ class Trainer:
                 x, y = self.train_x[index], self.train_y[index]
             batch_loss, batch_correct = _step(self.model, self.optimizer, self.mode, x, y)
             if not math.isfinite(batch_loss):
-                self.result.diverged, self.result.diverged_epoch = True, epoch
-                self.result.train_seconds += time.perf_counter() - started
-                logger.warning("%s diverged in epoch %d: the training loss became %s.",
-                               self.description, epoch, batch_loss)
-                return None
+                return self._diverge(epoch, started, f"the training loss became {batch_loss}")
             loss_sum += batch_loss * len(y)
             correct += batch_correct
 
+        # The last step of the epoch can overflow the weights after its loss was recorded.
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            return self._diverge(epoch, started, "a weight became NaN or infinite")
         val_loss, val_accuracy, _ = evaluate(self.model, self.val_x, self.val_y)
+        if not math.isfinite(val_loss):
+            return self._diverge(epoch, started, f"the validation loss became {val_loss}")
         row = {
             "epoch": epoch,
             "train_loss": loss_sum / n_samples,
@@ -172,6 +173,12 @@ class Trainer:
         self.result.history.append(row)
         self.result.train_seconds += time.perf_counter() - started
         return row
+
+    def _diverge(self, epoch: int, started: float, reason: str) -> None:
+        self.result.diverged, self.result.diverged_epoch = True, epoch
+        self.result.train_seconds += time.perf_counter() - started
+        logger.warning("%s diverged in epoch %d: %s.", self.description, epoch, reason)
+        return None
 
     def finish(self) -> TrainResult:
         """Fill in the final scores; the training accuracy comes from one pass over the whole split."""

@@ -10,8 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cifar2.params import CIFAR10_CLASSES
+
+# The unit tests run thousands of tiny tensor operations; with a thread pool each one waits for
+# the other core, which makes the suite several times slower on a busy 2-core machine.
+torch.set_num_threads(1)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The real airplane/bird mirror of CIFAR-10; tests that need it skip when it is absent.
