@@ -99,10 +99,10 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str]
     counts = np.asarray(matrix)
     figure, axis = plt.subplots(figsize=(1.6 * len(class_names) + 1.5, 1.4 * len(class_names) + 1))
     image = axis.imshow(counts, cmap="Blues")
-    threshold = counts.max() / 2 if counts.size else 0
     for (row, column), count in np.ndenumerate(counts):
+        dark_cell = image.norm(count) > 0.5  # position of the count in the colour scale
         axis.text(column, row, str(count), ha="center", va="center",
-                  color="white" if count > threshold else "black", fontsize=13)
+                  color="white" if dark_cell else "black", fontsize=13)
     axis.set_xticks(range(len(class_names)), class_names)
     axis.set_yticks(range(len(class_names)), class_names)
     axis.set_xlabel("predicted")

@@ -24,7 +24,7 @@ class SumSquaredError:
 
 
 class CrossEntropy:
-    """Cross-entropy of logits with mean reduction over the batch; ``y`` holds class ids ``(B,)``.
+    """Cross-entropy of logits with mean reduction over the batch; ``y`` contains class ids ``(B,)``.
 
     ``L = -(1/B) sum_i log softmax(y_hat[i])[y[i]]`` and ``dL/dy_hat = (softmax(y_hat) - onehot(y)) / B``.
     """

@@ -79,7 +79,7 @@ class MLP(nn.Module):
         self.dL_db = {l: torch.zeros_like(layer.bias) for l, layer in enumerate(self.layers, start=1)}
 
     def linear(self, l: int) -> nn.Linear:
-        """The ``nn.Linear`` of layer ``l`` (1-based, as in the formulas)."""
+        """Return the ``nn.Linear`` of layer ``l`` (1-based, as in the formulas)."""
         return self.layers[l - 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ class MLP(nn.Module):
 def experiment_mlp(hidden_sizes: Sequence[int], activation: str, n_classes: int,
                    dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
                    n_inputs: int = N_INPUTS) -> MLP:
-    """The experiment's network: ``n_inputs -> hidden... -> n_classes``, identity on the output."""
+    """Build the experiment's network ``n_inputs -> hidden... -> n_classes``, identity on the output."""
     sizes = [n_inputs, *hidden_sizes, n_classes]
     activations = [activation] * len(hidden_sizes) + ["identity"]
     return MLP(sizes, activations, dtype=dtype, device=device)

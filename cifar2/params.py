@@ -1,6 +1,6 @@
 """Typed, validated access to ``params.yaml``.
 
-Every key the pipeline knows is listed in ``SCHEMA`` with its validator. ``load_params`` checks the
+Every key of the pipeline is listed in ``SCHEMA`` with its validator. ``load_params`` checks the
 whole file (unknown keys included, so typos fail early) and returns a view restricted to the keys a
 stage declares. A stage script lists those keys in its ``PARAMS`` tuple, and a test checks that the
 tuple equals the stage's ``params:`` list in ``dvc.yaml``, so DVC re-runs a stage whenever a key

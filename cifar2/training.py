@@ -42,7 +42,7 @@ class OptimizerConfig:
 
 @dataclass
 class TrainResult:
-    """What a run produced: per-epoch history, whether it diverged, and the final scores.
+    """Outcome of a run: per-epoch history, whether it diverged, and the final scores.
 
     ``history`` has one row per finished epoch with ``train_loss`` (mean over all training samples,
     each batch weighted by its size), ``train_accuracy`` (of the predictions made during the epoch,

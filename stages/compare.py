@@ -50,7 +50,8 @@ def parameter_difference(model_a, model_b) -> float:
 
 
 def scalar_difference(a: float, b: float) -> float:
-    return relative_error(torch.tensor(a), torch.tensor(b))
+    """``|a - b| / (|a| + |b|)`` in float64, the scalar form of ``relative_error``."""
+    return relative_error(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
 
 
 def main() -> None:

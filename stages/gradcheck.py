@@ -1,6 +1,6 @@
 """Stage gradcheck: verify manual backpropagation against autograd and finite differences.
 
-Runs in float64 whatever base.dtype says, because the tolerances are float64 targets. Pass
+Runs in float64 regardless of base.dtype, because the tolerances are float64 targets. Pass
 --debug to log every layer's tensor shapes during the backward passes.
 """
 
@@ -47,7 +47,7 @@ def log10_error(error: float) -> float:
 
 
 def synthetic_case(sizes, activations, loss, batch_size: int, seed: int):
-    """A seeded network with random inputs; SSE targets are random reals, cross-entropy targets ids."""
+    """Build a seeded network with random inputs and targets: reals for SSE, class ids for cross-entropy."""
     torch.manual_seed(seed)
     model = MLP(sizes, activations, dtype=DTYPE)
     x = torch.randn(batch_size, sizes[0], dtype=DTYPE)

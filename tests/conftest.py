@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -80,3 +83,23 @@ def real_archive() -> Path:
     if not REAL_ARCHIVE.is_file():
         pytest.skip(f"real CIFAR-10 archive not found at {REAL_ARCHIVE}; set CIFAR10_ARCHIVE")
     return REAL_ARCHIVE
+
+
+def copy_project(destination: Path, names: tuple[str, ...] = ("cifar2", "stages", "params.yaml")) -> Path:
+    """Copy parts of the project, so that stages can run in ``destination`` as from the root."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        source = PROJECT_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, destination / name)
+    return destination
+
+
+def run_stage(project: Path, module: str, archive: Path) -> subprocess.CompletedProcess:
+    """Run ``python -m module`` in ``project`` with ``CIFAR10_ARCHIVE`` naming ``archive``."""
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    environment["CIFAR10_ARCHIVE"] = str(archive)
+    return subprocess.run([sys.executable, "-m", module], cwd=project, env=environment,
+                          capture_output=True, text=True, timeout=600)

@@ -9,8 +9,6 @@ import http.server
 import io
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -23,7 +21,7 @@ from cifar2.archive import ARCHIVE_ENV, download, extract_classes, file_md5, loc
 from cifar2.errors import ArchiveError
 from cifar2.outputs import load_npz
 from cifar2.params import CIFAR10_CLASSES
-from conftest import PROJECT_ROOT, make_batches, write_archive
+from conftest import copy_project, make_batches, run_stage, write_archive
 
 AIRPLANE = CIFAR10_CLASSES.index("airplane")
 BIRD = CIFAR10_CLASSES.index("bird")
@@ -599,22 +597,6 @@ def test_locate_downloads_without_environment(tmp_path, monkeypatch, source_arch
 
 
 # The download stage as a process
-
-
-def copy_project(destination: Path) -> Path:
-    """Copy the code and params.yaml of the project, so a stage can run there as from the root."""
-    for folder in ("cifar2", "stages"):
-        shutil.copytree(PROJECT_ROOT / folder, destination / folder,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(PROJECT_ROOT / "params.yaml", destination / "params.yaml")
-    return destination
-
-
-def run_stage(project: Path, module: str, archive: Path) -> subprocess.CompletedProcess:
-    environment = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
-    environment[ARCHIVE_ENV] = str(archive)
-    return subprocess.run([sys.executable, "-m", module], cwd=project, env=environment,
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("build", [truncated_archive, missing_member_archive],

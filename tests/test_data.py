@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +10,10 @@ import pytest
 import torch
 import yaml
 
-from cifar2.archive import ARCHIVE_ENV
 from cifar2.data import channel_statistics, load_splits, normalize, split_indices
 from cifar2.errors import ArchiveError
 from cifar2.outputs import load_npz, save_npz
-from conftest import PROJECT_ROOT
+from conftest import copy_project, run_stage
 
 
 def shuffled_labels(class_sizes: list[int], seed: int) -> np.ndarray:
@@ -260,22 +255,6 @@ def test_load_splits_missing_split(tmp_path):
 
 
 # Both stages on the real archive
-
-
-def copy_project(destination: Path) -> Path:
-    """Copy the code and params.yaml of the project, so a stage can run there as from the root."""
-    for folder in ("cifar2", "stages"):
-        shutil.copytree(PROJECT_ROOT / folder, destination / folder,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(PROJECT_ROOT / "params.yaml", destination / "params.yaml")
-    return destination
-
-
-def run_stage(project: Path, module: str, archive: Path) -> subprocess.CompletedProcess:
-    environment = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
-    environment[ARCHIVE_ENV] = str(archive)
-    return subprocess.run([sys.executable, "-m", module], cwd=project, env=environment,
-                          capture_output=True, text=True, timeout=600)
 
 
 def histogram_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

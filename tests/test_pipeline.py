@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PROJECT_ROOT, make_batches, write_archive
+from conftest import PROJECT_ROOT, copy_project, make_batches, write_archive
 
 pytestmark = pytest.mark.slow
 
@@ -79,14 +79,7 @@ def pipeline(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A git repository holding the project, reproduced once on a small archive and committed."""
     root = tmp_path_factory.mktemp("pipeline")
     archive = write_archive(root / "cifar-10-python.tar.gz", make_batches(per_class=12, seed=1))
-    repo = root / "project"
-    repo.mkdir()
-    for name in PROJECT_FILES:
-        source = PROJECT_ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, repo / name)
+    repo = copy_project(root / "project", PROJECT_FILES)
 
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "CIFAR10_ARCHIVE": str(archive), "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test",
@@ -320,8 +313,12 @@ def vega_scripts(tmp_path_factory) -> list[Path]:
         pytest.fail("npm is needed to install the Vega scripts for the plots page")
     folder = tmp_path_factory.mktemp("vega")
     packages = [f"{name}@{version}" for name, version in VEGA_PACKAGES.items()]
-    subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(folder),
-                    *packages], check=True, capture_output=True, text=True)
+    # dvc-render pins vega 5.20.2 with vega-lite 5.2.0, whose declared peer range starts at vega
+    # 5.21, so npm needs --legacy-peer-deps to install the exact combination DVC itself loads.
+    installed = subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund",
+                                "--legacy-peer-deps", "--prefix", str(folder), *packages],
+                               capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
     return [folder / "node_modules" / name / "build" / f"{name}.min.js" for name in VEGA_PACKAGES]
 
 
@@ -376,14 +373,7 @@ def test_plots_diff_against_baseline(pipeline_copy):
 
 def test_repro_on_real_archive(real_archive, tmp_path):
     """The whole pipeline on the real airplane/bird images with the real model, for two epochs."""
-    repo = tmp_path / "project"
-    repo.mkdir()
-    for name in PROJECT_FILES:
-        source = PROJECT_ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, repo / name)
+    repo = copy_project(tmp_path / "project", PROJECT_FILES)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "CIFAR10_ARCHIVE": str(real_archive), "DVC_NO_ANALYTICS": "1"}
     run(["git", "init", "-q"], repo, env)
