@@ -392,3 +392,20 @@ def test_repro_on_real_archive(real_archive, tmp_path):
     # Two epochs on real images already separate the classes far better than chance (0.5).
     assert evaluation["test"]["accuracy"] > 0.7
     assert json.loads((repo / "metrics" / "compare.json").read_text())["manual_vs_torch"]["passed"]
+
+
+def test_forced_rerun_gives_identical_metrics(pipeline_copy):
+    repo, env = pipeline_copy
+    before = {name: (repo / name).read_bytes()
+              for name in ("metrics/compare.json", "plots/compare.csv", "metrics/sweep.json")}
+    dvc(repo, env, "repro", "-f", "compare", "sweep@config0", "sweep@config1", "evaluate")
+    for name, content in before.items():
+        if name == "metrics/compare.json":
+            # Wall-clock training times differ between runs; everything else must not.
+            old, new = json.loads(content), json.loads((repo / name).read_text())
+            for mode in old["final"]:
+                old["final"][mode].pop("train_seconds")
+                new["final"][mode].pop("train_seconds")
+            assert new == old
+        else:
+            assert (repo / name).read_bytes() == content, name
