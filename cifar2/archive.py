@@ -9,6 +9,7 @@ green, then 1024 blue values, row-major) and ``labels`` to N class ids.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import pickle
@@ -66,7 +67,10 @@ def download(url: str, destination: str | Path, md5: str | None) -> Path:
                         out.write(chunk)
                         digest.update(chunk)
                         progress.update(len(chunk))
-        except (urllib.error.URLError, OSError, ValueError) as error:
+            if total is not None and progress.n != total:
+                raise ArchiveError(f"Download of {url} stopped after {progress.n} of {total} bytes. "
+                                   "The partial file was discarded; download again.")
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
             raise ArchiveError(
                 f"Download of {url} failed: {error}. Check the address in data.url and your "
                 f"connection, or set {ARCHIVE_ENV} to a local copy of cifar-10-python.tar.gz."
@@ -85,6 +89,9 @@ def download(url: str, destination: str | Path, md5: str | None) -> Path:
 def locate_archive(url: str, md5: str | None, download_dir: str | Path) -> Path:
     """Return the archive to read: ``$CIFAR10_ARCHIVE`` when it is set, else a verified download."""
     local = os.environ.get(ARCHIVE_ENV)
+    if local is not None and not local.strip():
+        raise ArchiveError(f"{ARCHIVE_ENV} is set but empty. Point it at a copy of "
+                           f"cifar-10-python.tar.gz, or unset it to download from {url}.")
     if local:
         path = Path(local).expanduser()
         if not path.is_file():

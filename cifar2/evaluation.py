@@ -29,8 +29,8 @@ def select_best(results: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     if not eligible:
         names = ", ".join(str(result["name"]) for result in results) or "none"
         raise SelectionError(f"Every sweep configuration diverged or has no validation accuracy "
-                             f"({names}). Lower train.lr or the weight decay in sweep.configs "
-                             "and run the sweep again.")
+                             f"({names}). Lower train.lr, or the lr or weight_decay of the "
+                             "entries in sweep.configs, and run the sweep again.")
 
     def rank(item: tuple[int, Mapping[str, Any]]) -> tuple[float, float, int]:
         position, result = item

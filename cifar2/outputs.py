@@ -26,6 +26,20 @@ logger = logging.getLogger(__name__)
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(path: Path, mode: int) -> None:
+    """Give a temporary file or folder the permissions a plain ``open`` or ``mkdir`` would.
+
+    ``mkstemp`` and ``mkdtemp`` create private (0600 and 0700) entries, unlike git and DVC.
+    """
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` when the block succeeds."""
@@ -37,6 +51,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     temporary_path = Path(temporary)
     try:
         yield temporary_path
+        _publish(temporary_path, 0o666)
         os.replace(temporary_path, path)
     finally:
         temporary_path.unlink(missing_ok=True)
@@ -114,6 +129,7 @@ def staged_directory(path: str | Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield staging
+        _publish(staging, 0o777)
         if path.exists():
             shutil.rmtree(path)
         os.replace(staging, path)

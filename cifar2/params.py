@@ -1,8 +1,9 @@
 """Typed, validated access to ``params.yaml``.
 
 Every key of the pipeline is listed in ``SCHEMA`` with its validator. ``load_params`` checks the
-whole file (unknown keys included, so typos fail early) and returns a view restricted to the keys a
-stage declares. A stage script lists those keys in its ``PARAMS`` tuple, and a test checks that the
+whole file (unknown keys included) and returns a view restricted to the keys a stage declares. The
+``check_params`` stage depends on the whole file, so ``dvc repro`` also rejects a typo in a key
+that no other stage reads. A stage script lists those keys in its ``PARAMS`` tuple, and a test checks that the
 tuple equals the stage's ``params:`` list in ``dvc.yaml``, so DVC re-runs a stage whenever a key
 its code reads changes.
 
@@ -73,7 +74,7 @@ def as_float(key: str, value: Any, low: float | None = None, high: float | None 
     return number
 
 
-def as_int(key: str, value: Any, low: int | None = None) -> int:
+def as_int(key: str, value: Any, low: int | None = None, high: int | None = None) -> int:
     """Convert ``value`` to an int no smaller than ``low``, or raise ``ParamsError``.
 
     Accepts ints, floats without a fractional part (``5.0``) and strings of either.
@@ -90,6 +91,8 @@ def as_int(key: str, value: Any, low: int | None = None) -> int:
     number = int(number)
     if low is not None and number < low:
         raise _fail(key, value, f"must be >= {low}", f"Set {key} to {low} or more.")
+    if high is not None and number > high:
+        raise _fail(key, value, f"must be <= {high}", f"Set {key} to {high} or less.")
     return number
 
 
@@ -175,7 +178,7 @@ def validate_sweep_config(config: Any, key: str = "sweep.configs[]") -> dict[str
                               high_inclusive=False),
         "nesterov": as_bool(f"{key}.nesterov", config.get("nesterov", False)),
     }
-    if config.get("lr") is not None:
+    if "lr" in config:
         result["lr"] = as_float(f"{key}.lr", config["lr"], low=0.0, low_inclusive=False)
     if result["nesterov"] and (result["momentum"] == 0.0 or result["dampening"] != 0.0):
         raise _fail(f"{key}.nesterov", True, "Nesterov momentum needs momentum > 0 and dampening 0",
@@ -212,7 +215,8 @@ def _at_least_one(key: str, value: Any) -> int:
 
 
 SCHEMA: dict[str, Callable[[str, Any], Any]] = {
-    "base.seed": lambda key, value: as_int(key, value, low=0),
+    # torch.manual_seed takes at most a signed 64-bit integer.
+    "base.seed": lambda key, value: as_int(key, value, low=0, high=2**63 - 1),
     "base.dtype": lambda key, value: as_choice(key, value, ("float64", "float32")),
     "base.device": lambda key, value: as_choice(key, value, ("auto", "cpu", "cuda")),
     "data.url": as_string,
@@ -238,8 +242,9 @@ SCHEMA: dict[str, Callable[[str, Any], Any]] = {
     "compare.tol_manual_update": _non_negative,
     "compare.tol_manual": _non_negative,
     "sweep.configs": as_sweep_configs,
-    "evaluate.misclassified_per_direction": _at_least_one,
-    "evaluate.examples_per_class": _at_least_one,
+    # Each image is a cell of a committed PNG grid, so the counts are capped.
+    "evaluate.misclassified_per_direction": lambda key, value: as_int(key, value, low=1, high=64),
+    "evaluate.examples_per_class": lambda key, value: as_int(key, value, low=1, high=64),
 }
 
 

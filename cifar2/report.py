@@ -99,6 +99,8 @@ def _sweep_section(sweep: Sequence[Mapping[str, Any]], selected: Mapping[str, An
             for row in sweep]
     return "\n\n".join([
         "## Parameter sweep",
+        "The final training loss is the mean over the last epoch, while the weights were still "
+        "changing; the training accuracy is measured after training, on the whole train split.",
         _table(["configuration", "lr", "weight decay", "momentum", "final training loss",
                 "training accuracy", "validation accuracy", "diverged"], rows),
         f"Selected configuration: **{selected['name']}** (lr {selected['lr']:g}, weight decay "
@@ -141,8 +143,11 @@ def _answers_section(gradcheck: Mapping[str, Any], compare: Mapping[str, Any],
             + ", ".join(f"{row['name']} ({ACCURACY.format(row['val_majority_share'])} of predictions "
                         f"in one class, validation accuracy {ACCURACY.format(row['val_accuracy'])})"
                         for row in collapsed)
-            + ". A weight decay this strong shrinks the weights faster than the gradient of the data "
-              "term can grow them, so the logits no longer depend on the input.")
+            + ".")
+        if any(row["weight_decay"] > 0 for row in collapsed):
+            comments.append(
+                "Where the weight decay is large, it shrinks the weights faster than the gradient of "
+                "the data term can grow them, so the logits no longer depend on the input.")
     else:
         comments.append("No configuration collapsed to a single class.")
     if diverged:
@@ -175,9 +180,9 @@ def _answers_section(gradcheck: Mapping[str, Any], compare: Mapping[str, Any],
         f"truncation error of order h^2 instead of h for the one-sided one, so with h = "
         f"{gradcheck['fd_step']:g} in float64 rounding is the main error left. Entries whose perturbation switches a ReLU "
         "on or off are skipped, because the loss has a kink there.",
-        "**What are momentum and weight decay for?** Momentum averages successive gradients in a "
-        "velocity, which damps oscillation across steep directions and speeds progress along "
-        "shallow ones. Weight decay adds lambda * w to the gradient, the gradient of the L2 "
+        "**What are momentum and weight decay for?** Momentum keeps an exponentially weighted sum "
+        "of past gradients (the buffer b <- mu * b + g), which damps oscillation across steep "
+        "directions and speeds progress along shallow ones. Weight decay adds lambda * w to the gradient, the gradient of the L2 "
         "penalty (lambda / 2) ||w||^2, which keeps weights small and counters overfitting.",
         f"**Chosen parameters and their evaluation.** {selected['name']}: lr {selected['lr']:g}, "
         f"weight decay {selected['weight_decay']:g}, momentum {selected['momentum']:g}, chosen on "

@@ -5,6 +5,7 @@ one epoch at a time, so their parameters can be compared after every epoch witho
 """
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -89,6 +90,9 @@ def main() -> None:
             row[f"loss_diff_{mode}"] = scalar_difference(epoch_rows[mode]["train_loss"], reference)
             row[f"param_diff_{mode}"] = parameter_difference(trainers[mode].model,
                                                              trainers["torch"].model)
+        # log10 copies for the DVC plot, whose axes are linear; an exact match (0) is drawn at -18.
+        for key in [key for key in row if "_diff_" in key]:
+            row[f"log10_{key}"] = math.log10(max(row[key], 1e-18))
         rows.append(row)
     results = {mode: trainer.finish() for mode, trainer in trainers.items()}
 

@@ -49,6 +49,11 @@ logger = logging.getLogger("stages.evaluate")
 
 def read_sweep(names: list[str]) -> tuple[list[dict], dict[str, list[dict]]]:
     """Final metrics and per-epoch history of every configuration, in sweep order."""
+    stale = sorted(path.name for path in RESULTS.iterdir() if path.is_dir() and path.name not in names) \
+        if RESULTS.is_dir() else []
+    if stale:
+        logger.warning("Ignoring %s in %s: not in sweep.configs. Delete them, because they still count "
+                       "in this stage's dependency %s.", ", ".join(stale), RESULTS, RESULTS)
     results, histories = [], {}
     for name in names:
         folder = RESULTS / name

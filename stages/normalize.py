@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from cifar2.data import channel_statistics, load_extracted, split_indices
-from cifar2.outputs import save_npz, write_json
+from cifar2.errors import ParamsError
+from cifar2.outputs import remove_outputs, save_npz, write_json
 from cifar2.params import load_params
 from cifar2.stage import run_stage
 
@@ -25,12 +26,20 @@ def class_counts(labels: np.ndarray, class_names: list[str]) -> dict[str, int]:
 
 def main() -> None:
     params = load_params(PARAMS)
+    remove_outputs([SPLIT, METRICS])
     data = load_extracted(EXTRACTED)
     class_names = [str(name) for name in data["class_names"]]
     labels = data["train_labels"]
 
     train_index, validation_index = split_indices(labels, params["split.validation_fraction"],
                                                   params["base.seed"])
+    train_counts = class_counts(labels[train_index], class_names)
+    validation_counts = class_counts(labels[validation_index], class_names)
+    if min(train_counts.values()) == 0 or min(validation_counts.values()) == 0:
+        raise ParamsError(
+            f"split.validation_fraction = {params['split.validation_fraction']} leaves a class "
+            f"without images (train {train_counts}, validation {validation_counts}). Choose a "
+            "fraction that keeps at least one image of each class on both sides, such as 0.1.")
     mean, std = channel_statistics(data["train_images"][train_index])
     logger.info("Split %d training images into %d train and %d validation (seed %d).", labels.size,
                 train_index.size, validation_index.size, params["base.seed"])
@@ -43,8 +52,8 @@ def main() -> None:
         "size": {"train": int(train_index.size), "validation": int(validation_index.size),
                  "test": int(data["test_labels"].size)},
         "class_counts": {
-            "train": class_counts(labels[train_index], class_names),
-            "validation": class_counts(labels[validation_index], class_names),
+            "train": train_counts,
+            "validation": validation_counts,
             "test": class_counts(data["test_labels"], class_names),
         },
         "mean": dict(zip(CHANNELS, map(float, mean))),

@@ -45,8 +45,8 @@ def parse_config() -> dict:
     parser.add_argument("--lr", help="learning rate, > 0; defaults to train.lr")
     parser.add_argument("--dampening", default=0.0, help="momentum dampening, default 0")
     parser.add_argument("--nesterov", action="store_true", help="use Nesterov momentum")
-    arguments = vars(parser.parse_args())
-    return validate_sweep_config(arguments, key="sweep config")
+    arguments = {key: value for key, value in vars(parser.parse_args()).items() if value is not None}
+    return validate_sweep_config(arguments, key=f"sweep configuration {arguments['name']!r}")
 
 
 def finite_or_none(value: float) -> float | None:
@@ -55,8 +55,8 @@ def finite_or_none(value: float) -> float | None:
 
 
 def main() -> None:
-    config = parse_config()
     params = load_params(PARAMS)
+    config = parse_config()
     output = RESULTS / config["name"]
     remove_outputs([output])
     lr = config.get("lr", params["train.lr"])

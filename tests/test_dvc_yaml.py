@@ -29,6 +29,11 @@ def test_every_stage_script_exists():
 def test_declared_params_equal_stage_params(stage):
     module = importlib.import_module(f"stages.{stage}")
     declared = DVC_YAML["stages"][stage].get("params", [])
+    if declared == [{"params.yaml": None}]:
+        # The stage depends on every key of the file, so it must read every key too.
+        from cifar2.params import SCHEMA
+
+        declared = list(SCHEMA)
     assert sorted(declared) == sorted(module.PARAMS)
 
 

@@ -255,7 +255,7 @@ def test_sweep_entry_edit_reruns_only_it(pipeline_copy):
     tree["sweep"]["configs"][1]["momentum"] = 0.5
     (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
     result = dvc(repo, env, "repro")
-    assert ran_stages(result.stdout) == {"sweep@config1", "evaluate", "report"}
+    assert ran_stages(result.stdout) == {"check_params", "sweep@config1", "evaluate", "report"}
 
 
 def test_validation_fraction_skips_download(pipeline_copy):
@@ -358,7 +358,8 @@ def test_plots_page_renders_in_chromium(pipeline, vega_scripts, tmp_path):
     assert errors == [], "\n".join(errors)
     vega_plots = sum(1 for entry in declared if isinstance(entry, dict))
     assert dom.stdout.count('class="marks"') >= vega_plots, "Vega did not draw every plot"
-    assert screenshot.is_file() and screenshot.stat().st_size > 10_000
+    assert screenshot.is_file()
+    assert screenshot.stat().st_size > 10_000
 
 
 def test_plots_diff_against_baseline(pipeline_copy):
@@ -368,7 +369,8 @@ def test_plots_diff_against_baseline(pipeline_copy):
     out = repo / "diff_page"
     dvc(repo, env, "plots", "diff", "HEAD", "-o", str(out))
     html = (out / "index.html").read_text()
-    assert "HEAD" in html and "workspace" in html
+    assert "HEAD" in html
+    assert "workspace" in html
 
 
 def test_repro_on_real_archive(real_archive, tmp_path):
@@ -409,3 +411,11 @@ def test_forced_rerun_gives_identical_metrics(pipeline_copy):
             assert new == old
         else:
             assert (repo / name).read_bytes() == content, name
+
+
+def test_misspelled_key_fails_repro(pipeline_copy):
+    repo, env = pipeline_copy
+    edit_params(repo, {"train": {"shufle": True}})
+    result = dvc(repo, env, "repro", check=False)
+    assert result.returncode != 0
+    assert "train.shufle" in result.stdout + result.stderr
