@@ -325,6 +325,8 @@ class MemoryResult:
     repo: Path
     epochs: int
     processes: list[ProcessMemory] = field(default_factory=list)
+    load_before: str = ""
+    load_after: str = ""
 
 
 def provide_data(repo: Path, environment: dict[str, str]) -> None:
@@ -349,7 +351,7 @@ def benchmark_memory(archive: str | None, epochs: int | None, keep: bool) -> Mem
     try:
         provide_data(repo, environment)
         params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
-        result = MemoryResult(repo, params["train"]["epochs"])
+        result = MemoryResult(repo, params["train"]["epochs"], load_before=load_average())
         commands = [
             ("python -c 'import torch'", [sys.executable, "-c", "import torch"]),
             ("python -c 'import stages.sweep'", [sys.executable, "-c", "import stages.sweep"]),
@@ -360,6 +362,7 @@ def benchmark_memory(archive: str | None, epochs: int | None, keep: bool) -> Mem
             logger.info("Measuring the memory of %s.", label)
             result.processes.append(measure_process(label, command, repo, environment,
                                                     repo / f"memory-{index}.log"))
+        result.load_after = load_average()
     finally:
         if not keep:
             shutil.rmtree(repo, ignore_errors=True)
@@ -376,3 +379,4 @@ def report_memory(result: MemoryResult) -> None:
          f"{process.seconds:.1f}")
         for process in result.processes
     ]))
+    print(f"load average before / after: {result.load_before} / {result.load_after}")

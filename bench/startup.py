@@ -1,7 +1,7 @@
 """Benchmark the start-up cost of a stage process: wall time and peak RSS of its imports.
 
 Every DVC stage is a new Python process that imports PyTorch before it does any work, so this cost
-repeats once per stage (15 times in ``dvc repro`` with the nine sweep configurations). The script
+repeats once per stage, and every sweep configuration is a stage of its own. The script
 times ``import torch`` and ``import stages.sweep`` (which imports everything the sweep stage
 needs) in fresh processes. Give several interpreters with ``--python``, for example one from a
 virtual environment with a CPU-only PyTorch wheel, to compare builds. Their runs alternate, so
@@ -10,6 +10,8 @@ load from other processes hits every interpreter.
 Run from the repository root:
 
     python -m bench.startup [--python PATH ...] [--repeats 10]
+
+The wall time of a process includes a small launcher process that reads its peak RSS.
 """
 
 from __future__ import annotations
