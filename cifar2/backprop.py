@@ -30,8 +30,10 @@ def backward(model: MLP, dL_dout: torch.Tensor, store_grad: bool = True, debug: 
         model: a network whose ``forward`` has just run on the batch.
         dL_dout: the loss's gradient with respect to the output ``a[L]``, shape ``(B, n[L])``,
             for example ``CrossEntropy().gradient(y_hat, y)``.
-        store_grad: also write the gradients into each parameter's ``.grad``, so an optimizer
-            (manual or ``torch.optim``) can take a step with them.
+        store_grad: also hand the gradients to each parameter's ``.grad``, so an optimizer
+            (manual or ``torch.optim``) can take a step with them. As with autograd, nothing is
+            copied: ``.grad`` and ``model.dL_dw[l]`` share one tensor, which the next backward
+            pass overwrites. Without ``store_grad``, ``.grad`` is left as it was.
         debug: log each layer's tensor shapes, for readers following the formulas.
 
     Runs under ``torch.no_grad()``, so it records no autograd graph.
@@ -47,30 +49,29 @@ def backward(model: MLP, dL_dout: torch.Tensor, store_grad: bool = True, debug: 
     for l in range(L, 0, -1):
         layer = model.linear(l)
         a_prev = model.a[l - 1]
-        torch.mm(delta.t(), a_prev, out=_slot(model.dL_dw, l, layer.weight))
-        torch.sum(delta, dim=0, out=_slot(model.dL_db, l, layer.bias))
+        torch.mm(delta.t(), a_prev, out=_slot(model.dL_dw, l, layer.weight, store_grad))
+        torch.sum(delta, dim=0, out=_slot(model.dL_db, l, layer.bias, store_grad))
         if debug:
             logger.info("layer %d: delta %s, a[%d] %s -> dL_dw %s, dL_db %s", l, tuple(delta.shape),
                         l - 1, tuple(a_prev.shape), tuple(model.dL_dw[l].shape),
                         tuple(model.dL_db[l].shape))
         if store_grad:
-            _store(layer.weight, model.dL_dw[l])
-            _store(layer.bias, model.dL_db[l])
+            layer.weight.grad = model.dL_dw[l]
+            layer.bias.grad = model.dL_db[l]
         if l > 1:
             delta = torch.mm(delta, layer.weight)
             delta.mul_(model.f[l - 1].derivative(model.z[l - 1], model.a[l - 1]))
 
 
-def _slot(slots: dict[int, torch.Tensor], l: int, parameter: torch.Tensor) -> torch.Tensor:
-    """Return gradient slot ``l``, reallocated if the model moved to another dtype or device."""
+def _slot(slots: dict[int, torch.Tensor], l: int, parameter: torch.nn.Parameter,
+          store_grad: bool) -> torch.Tensor:
+    """Return gradient slot ``l`` for this pass to overwrite.
+
+    A new tensor replaces the slot when the model moved to another dtype or device. It also
+    replaces a slot that is still the parameter's ``.grad`` when this pass must not touch ``.grad``.
+    """
     slot = slots[l]
-    if slot.dtype != parameter.dtype or slot.device != parameter.device:
+    if (slot.dtype != parameter.dtype or slot.device != parameter.device
+            or (not store_grad and slot is parameter.grad)):
         slots[l] = slot = torch.zeros_like(parameter)
     return slot
-
-
-def _store(parameter: torch.nn.Parameter, gradient: torch.Tensor) -> None:
-    if parameter.grad is None:
-        parameter.grad = gradient.clone()
-    else:
-        parameter.grad.copy_(gradient)

