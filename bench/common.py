@@ -64,15 +64,18 @@ class Experiment:
     optimizer: OptimizerConfig
 
 
-def load_experiment() -> Experiment:
+def load_experiment(momentum: float | None = None, weight_decay: float | None = None) -> Experiment:
     """Read the model, batch size and the compare stage's optimizer settings from ``params.yaml``.
 
     The compare configuration (momentum and weight decay both on) runs every line of the update,
-    so it is the most expensive optimizer setting of the pipeline.
+    so it is the most expensive optimizer setting of the pipeline. ``momentum`` and
+    ``weight_decay``, when given, replace the compare stage's values.
     """
     params = load_params(PARAMS, REPO_ROOT / "params.yaml")
-    optimizer = OptimizerConfig(lr=params["compare.lr"], momentum=params["compare.momentum"],
-                                weight_decay=params["compare.weight_decay"])
+    optimizer = OptimizerConfig(
+        lr=params["compare.lr"],
+        momentum=params["compare.momentum"] if momentum is None else momentum,
+        weight_decay=params["compare.weight_decay"] if weight_decay is None else weight_decay)
     return Experiment(seed=params["base.seed"], dtype=resolve_dtype(params["base.dtype"]),
                       hidden_sizes=tuple(params["model.hidden_sizes"]),
                       activation=params["model.activation"], batch_size=params["train.batch_size"],

@@ -1,19 +1,19 @@
 """Break a training step into its parts, to find where the manual mode and the GEMM fraction lose time.
 
-Three measurements, each with its variants interleaved (the one that goes first rotates every
+Two measurements, each with its variants interleaved (the one that goes first rotates every
 repeat) and reported as medians:
 
 1. One step of mode ``manual`` and of mode ``torch`` (autograd), timed in four parts: forward
    with loss, backward, optimizer update, and the loss ``.item()`` with the accuracy count. The
-   parts follow ``cifar2.training._step`` line by line.
-2. ``backprop.backward`` with ``store_grad=True`` (as training runs it: each gradient is computed
-   into ``model.dL_dw`` / ``dL_db`` and then copied into ``.grad``) and with ``store_grad=False``
-   (no copies). The difference is the cost of the copies.
-3. One update of the experiment's parameters by ``cifar2.optimizer.SGD`` and by
-   ``torch.optim.SGD`` in its single-tensor (default on the CPU), ``foreach`` and ``fused`` forms.
+   parts follow ``cifar2.training._step`` line by line, with the compare stage's optimizer
+   settings (momentum and weight decay on).
+2. One update of the experiment's parameters by ``cifar2.optimizer.SGD`` and by
+   ``torch.optim.SGD`` in its single-tensor (default on the CPU) and ``fused`` forms, for plain
+   SGD, SGD with momentum, and SGD with momentum and weight decay. The update is element-wise
+   work limited by memory bandwidth, so its cost sets a ceiling on the fraction of the GEMM rate
+   that training can reach.
 
-The optimizer settings are the compare stage's (momentum and weight decay on). Run from the
-repository root:
+Run from the repository root:
 
     python -m bench.step_parts [--repeats 300] [--warmup 30] [--threads N]
 """
@@ -102,9 +102,18 @@ def interleave(functions: dict[str, Callable[[int], object]], repeats: int, warm
     return results
 
 
-def time_call(function: Callable[[], object]) -> float:
+def optimizer_parameters(optimizer) -> list[torch.Tensor]:
+    if isinstance(optimizer, SGD):
+        return optimizer.params
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def timed_update(optimizer, gradients: list[torch.Tensor]) -> float:
+    """Restore the saved gradients, then time one ``step``."""
+    for parameter, gradient in zip(optimizer_parameters(optimizer), gradients):
+        parameter.grad.copy_(gradient)
     started = time.perf_counter()
-    function()
+    optimizer.step()
     return time.perf_counter() - started
 
 
@@ -133,32 +142,34 @@ def main() -> None:
                                                        *batches[repeat % len(batches)]),
     }, arguments.repeats, arguments.warmup, "step parts")
 
-    # 2. The manual backward pass with and without the copies into .grad.
-    model = new_model()
-    x, y = batches[0]
-    with torch.no_grad():
-        output = model(x)
-    gradient = loss_function.gradient(output, y)
-    backward = interleave({
-        "store_grad=True": lambda repeat: time_call(lambda: backprop.backward(model, gradient, store_grad=True)),
-        "store_grad=False": lambda repeat: time_call(lambda: backprop.backward(model, gradient, store_grad=False)),
-    }, arguments.repeats, arguments.warmup, "backward copies")
-
-    # 3. One optimizer update of all parameters, with fixed random gradients.
-    settings = dict(lr=experiment.optimizer.lr, momentum=experiment.optimizer.momentum,
-                    weight_decay=experiment.optimizer.weight_decay)
-    optimizers = {}
-    for name, build in (("cifar2.optimizer.SGD", lambda p: SGD(p, **settings)),
-                        ("torch.optim.SGD (single tensor)", lambda p: torch.optim.SGD(p, foreach=False, **settings)),
-                        ("torch.optim.SGD foreach=True", lambda p: torch.optim.SGD(p, foreach=True, **settings)),
-                        ("torch.optim.SGD fused=True", lambda p: torch.optim.SGD(p, fused=True, **settings))):
-        parameters = list(new_model().parameters())
-        for parameter in parameters:
-            parameter.grad = torch.randn_like(parameter).mul_(1e-3)
-        optimizers[name] = build(parameters)
-    updates = interleave({name: (lambda repeat, optimizer=optimizer: time_call(optimizer.step))
-                          for name, optimizer in optimizers.items()},
-                         arguments.repeats, arguments.warmup, "optimizer updates")
+    # 2. One optimizer update of all parameters, with fixed random gradients, per setting.
+    settings = {
+        "plain": dict(lr=experiment.optimizer.lr),
+        "momentum": dict(lr=experiment.optimizer.lr, momentum=experiment.optimizer.momentum),
+        "momentum and weight decay": dict(lr=experiment.optimizer.lr, momentum=experiment.optimizer.momentum,
+                                          weight_decay=experiment.optimizer.weight_decay),
+    }
+    builders = {
+        "cifar2.optimizer.SGD": lambda parameters, options: SGD(parameters, **options),
+        "torch.optim.SGD (single tensor)": lambda parameters, options: torch.optim.SGD(parameters, foreach=False, **options),
+        "torch.optim.SGD fused=True": lambda parameters, options: torch.optim.SGD(parameters, fused=True, **options),
+    }
+    updates = {}
+    for setting, options in settings.items():
+        optimizers = {}
+        for name, build in builders.items():
+            parameters = list(new_model().parameters())
+            for parameter in parameters:
+                parameter.grad = torch.randn_like(parameter).mul_(1e-3)
+            optimizers[name] = build(parameters, options)
+        # The manual SGD writes into .grad, so every update of every variant starts from a fresh
+        # copy of its gradients, and the copy is not timed.
+        gradients = {name: [p.grad.clone() for p in optimizer_parameters(optimizer)]
+                     for name, optimizer in optimizers.items()}
+        updates[setting] = interleave(
+            {name: (lambda repeat, optimizer=optimizer, saved=gradients[name]: timed_update(optimizer, saved))
+             for name, optimizer in optimizers.items()},
+            arguments.repeats, arguments.warmup, f"updates, {setting}")
 
     print()
     print(format_table(["setting", "value"], machine_summary()[:-1] + [
@@ -179,20 +190,13 @@ def main() -> None:
                      f"{(medians['manual'] - medians['autograd']) * 1e3:+.3f} ms"))
     print(format_table(["part", "manual", "autograd", "manual - autograd"], rows))
 
-    print("\n2. backprop.backward, batch", experiment.batch_size)
-    with_copies = Timing.of(backward["store_grad=True"]).median
-    without_copies = Timing.of(backward["store_grad=False"]).median
-    print(format_table(["call", "median"], [
-        ("store_grad=True (copies into .grad)", f"{with_copies * 1e3:.3f} ms"),
-        ("store_grad=False", f"{without_copies * 1e3:.3f} ms"),
-        ("cost of the copies", f"{(with_copies - without_copies) * 1e3:.3f} ms"),
+    print("\n2. One optimizer update of all parameters (median)")
+    settings_header = [f"{setting} ({', '.join(f'{k}={v}' for k, v in options.items() if k != 'lr')})"
+                       if len(options) > 1 else setting for setting, options in settings.items()]
+    print(format_table(["optimizer", *settings_header], [
+        (name, *(f"{Timing.of(updates[setting][name]).median * 1e3:.3f} ms" for setting in settings))
+        for name in builders
     ]))
-
-    print("\n3. One optimizer update of all parameters")
-    print(format_table(["optimizer", "median"], [
-        (name, f"{Timing.of(values).median * 1e3:.3f} ms") for name, values in updates.items()
-    ]))
-
 
 if __name__ == "__main__":
     main()

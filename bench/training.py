@@ -68,6 +68,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int,
                         help="intra-op threads for PyTorch in this process (default: PyTorch's "
                              "choice); stage processes of --pipeline and --memory keep their default")
+    parser.add_argument("--momentum", type=float,
+                        help="SGD momentum for (a) and (b) (default: compare.momentum in params.yaml)")
+    parser.add_argument("--weight-decay", type=float,
+                        help="SGD weight decay for (a) and (b) (default: compare.weight_decay in params.yaml)")
 
     parser.add_argument("--no-loop", action="store_true",
                         help="skip sections (a) and (b), for example to run only --pipeline")
@@ -87,6 +91,10 @@ def parse_arguments() -> argparse.Namespace:
     arguments = parser.parse_args()
     if arguments.epochs < 2 or arguments.warmup_epochs < 0 or arguments.repeats < 1 or arguments.steps < 2:
         parser.error("--epochs must be >= 2, --warmup-epochs >= 0, --repeats >= 1 and --steps >= 2.")
+    for name in ("momentum", "weight_decay"):
+        value = getattr(arguments, name)
+        if value is not None and value < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}.")
     for name in ("pipeline_epochs", "memory_epochs"):
         value = getattr(arguments, name)
         if value is not None and value < 1:
@@ -351,7 +359,7 @@ def main() -> None:
     set_threads(arguments.threads)
     if arguments.no_loop and not (arguments.pipeline or arguments.memory):
         raise SystemExit("--no-loop leaves nothing to run; add --pipeline or --memory.")
-    experiment = load_experiment()
+    experiment = load_experiment(arguments.momentum, arguments.weight_decay)
     data = results = None
     if not arguments.no_loop:
         data = load_data(experiment.dtype, experiment.seed)

@@ -171,3 +171,33 @@ def check_gradients(model: MLP, loss, x: torch.Tensor, y: torch.Tensor, step: fl
                     "(%d entries, %d skipped at ReLU kinks).", name, l, max(errors_autograd),
                     max(errors_fd), checked, skipped)
     return case
+
+
+class StepGradientCheck:
+    """Manual backpropagation checked against autograd at every step of a training run.
+
+    Pass an instance as ``Trainer(..., before_update=check)`` to a run in mode ``torch`` or
+    ``manual_update``. At each step, after autograd has filled ``.grad`` and before the optimizer
+    moves the weights, it runs ``backward_fn`` on the same forward pass and keeps the largest
+    relative error over all parameters and steps. Both gradients come from the same weights at
+    every step, so the check does not drift as the weights of two separate runs would.
+    """
+
+    def __init__(self, model: MLP, loss, backward_fn: BackwardFn = backward):
+        self.model, self.loss, self.backward_fn = model, loss, backward_fn
+        self.max_error = 0.0
+        self.steps = 0
+
+    def __call__(self, output: torch.Tensor, y: torch.Tensor) -> None:
+        # An output without a graph means the step ran in mode manual, where .grad is the manual
+        # gradient itself and the check would compare it with itself.
+        if not output.requires_grad:
+            raise ValueError("StepGradientCheck needs autograd gradients in .grad, but the output has "
+                             "no autograd graph; use it in mode torch or manual_update.")
+        self.backward_fn(self.model, self.loss.gradient(output.detach(), y), store_grad=False)
+        for l in range(1, self.model.L + 1):
+            layer = self.model.linear(l)
+            for autograd_gradient, manual_gradient in ((layer.weight.grad, self.model.dL_dw[l]),
+                                                       (layer.bias.grad, self.model.dL_db[l])):
+                self.max_error = max(self.max_error, relative_error(autograd_gradient, manual_gradient))
+        self.steps += 1

@@ -240,7 +240,9 @@ SCHEMA: dict[str, Callable[[str, Any], Any]] = {
     "compare.weight_decay": _non_negative,
     "compare.momentum": _momentum,
     "compare.tol_manual_update": _non_negative,
+    "compare.tol_gradient": _non_negative,
     "compare.tol_manual": _non_negative,
+    "compare.tol_manual_epochs": _at_least_one,
     "sweep.configs": as_sweep_configs,
     # Each image is a cell of a committed PNG grid, so the counts are capped.
     "evaluate.misclassified_per_direction": lambda key, value: as_int(key, value, low=1, high=64),

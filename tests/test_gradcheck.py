@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cifar2.gradcheck import check_gradients, finite_differences, relative_error
+from cifar2.gradcheck import StepGradientCheck, check_gradients, finite_differences, relative_error
 from cifar2.losses import CrossEntropy, SumSquaredError
 from cifar2.network import MLP
+from cifar2.training import OptimizerConfig, Trainer
 
 STEP = 1e-6
 TOLERANCE_AUTOGRAD = 1e-10
@@ -267,3 +268,36 @@ def test_check_gradients_counts_sampled_entries():
     # down to 10, bias 3.
     assert [layer.entries_checked for layer in case.layers] == [10 + 5, 10 + 3]
     assert [layer.skipped_at_kink for layer in case.layers] == [0, 0]
+
+
+def step_check_run(mode: str, backward_fn=None, epochs: int = 2) -> StepGradientCheck:
+    torch.manual_seed(3)
+    model = MLP([6, 5, 4, 3], ["relu", "tanh", "identity"])
+    x, y = class_batch(6, 3, 20, seed=3)
+    options = {} if backward_fn is None else {"backward_fn": backward_fn}
+    check = StepGradientCheck(model, CrossEntropy(), **options)
+    trainer = Trainer(model, mode, OptimizerConfig(lr=0.1, momentum=0.9, weight_decay=0.01),
+                      x[:16], y[:16], x[16:], y[16:], batch_size=8, before_update=check)
+    for _ in range(epochs):
+        trainer.run_epoch()
+    return check
+
+
+@pytest.mark.parametrize("mode", ["torch", "manual_update"])
+def test_step_check_passes_correct_backward(mode):
+    check = step_check_run(mode)
+
+    assert check.steps == 4
+    assert check.max_error <= TOLERANCE_AUTOGRAD
+
+
+@pytest.mark.parametrize("bug", BROKEN_BACKWARDS)
+def test_step_check_catches_broken_backward(bug):
+    check = step_check_run("torch", BROKEN_BACKWARDS[bug])
+
+    assert check.max_error > 1e-3
+
+
+def test_step_check_needs_autograd_gradients():
+    with pytest.raises(ValueError, match="mode torch or manual_update"):
+        step_check_run("manual")

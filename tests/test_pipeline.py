@@ -164,7 +164,13 @@ def test_compare_and_gradcheck_pass(pipeline):
     repo, _ = pipeline
     compare = json.loads((repo / "metrics" / "compare.json").read_text())
     assert compare["manual_update_vs_torch"]["max_loss_diff"] == 0.0
+    assert compare["manual_update_vs_torch"]["final_param_diff"] == 0.0
     assert compare["manual_vs_torch"]["final_param_diff"] <= 1e-10
+    assert compare["manual_vs_torch"]["separation_epoch"] is None
+    steps = compare["manual_backward_vs_autograd"]
+    assert steps["max_relative_error"] <= 1e-10
+    assert steps["steps"] > 0
+    assert steps["passed"]
     gradcheck = json.loads((repo / "metrics" / "gradcheck.json").read_text())
     assert gradcheck["max_error_autograd"] <= 1e-10
     assert gradcheck["max_error_finite_diff"] <= 1e-6
@@ -190,8 +196,11 @@ def test_report_numbers_match_metrics(pipeline):
     for name, case in gradcheck["cases"].items():
         assert f"| {name} | {case['description']} | {case['max_error_autograd']:.2e} | " \
                f"{case['max_error_finite_diff']:.2e} |" in text
-    assert f"| manual vs torch | {compare['manual_vs_torch']['max_loss_diff']:.2e} | " \
-           f"{compare['manual_vs_torch']['final_param_diff']:.2e} |" in text
+    manual = compare["manual_vs_torch"]
+    assert f"| manual vs torch | first {manual['epochs_checked']} | {manual['max_loss_diff_checked']:.2e} | " \
+           f"{manual['max_param_diff_checked']:.2e} |" in text
+    steps = compare["manual_backward_vs_autograd"]
+    assert f"| all {steps['steps']} steps |  | {steps['max_relative_error']:.2e} |" in text
     for split, size in data["size"].items():
         counts = " | ".join(str(count) for count in data["class_counts"][split].values())
         assert f"| {split} | {size} | {counts} |" in text

@@ -258,3 +258,23 @@ def test_evaluate_known_predictions():
 def test_unknown_mode_raises(data):
     with pytest.raises(ValueError, match="adam"):
         Trainer(small_model(), "adam", COMPARE_CONFIG, *data, batch_size=BATCH_SIZE)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_before_update_runs_before_each_step(data, mode):
+    model = small_model()
+    calls = []
+
+    def before_update(output: torch.Tensor, y: torch.Tensor) -> None:
+        calls.append((output.shape[0], y.shape[0], parameters_of(model)))
+
+    trainer = Trainer(model, mode, COMPARE_CONFIG, *data, batch_size=BATCH_SIZE, before_update=before_update)
+    weights_at_start = parameters_of(model)
+    trainer.run_epoch()
+
+    assert [(n_outputs, n_labels) for n_outputs, n_labels, _ in calls] == [(16, 16), (16, 16), (8, 8)]
+    # The first call sees the initial weights: the optimizer has not moved them yet.
+    for before, start in zip(calls[0][2], weights_at_start):
+        assert torch.equal(before, start)
+    for before, start in zip(calls[1][2], weights_at_start):
+        assert not torch.equal(before, start)

@@ -1,0 +1,57 @@
+"""The compare stage's checks: which epochs count against the tolerance, and where runs separate."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.compare import check_run
+
+
+def rows_with(differences: list[float], mode: str = "manual") -> list[dict]:
+    return [{"epoch": epoch, f"loss_diff_{mode}": difference, f"param_diff_{mode}": difference / 2}
+            for epoch, difference in enumerate(differences, start=1)]
+
+
+def test_check_run_ignores_epochs_after_checked():
+    failures = []
+    result = check_run(rows_with([1e-16, 1e-15, 1e-3, 1e-2]), "manual", 1e-10, 2, "compare.tol_manual", failures)
+
+    assert result["passed"]
+    assert failures == []
+    assert result["epochs_checked"] == 2
+    assert result["max_loss_diff_checked"] == 1e-15
+    assert result["max_param_diff_checked"] == 5e-16
+    assert result["max_loss_diff"] == 1e-2
+    assert result["final_param_diff"] == 5e-3
+    assert result["separation_epoch"] == 3
+
+
+def test_check_run_fails_within_checked_epochs():
+    failures = []
+    result = check_run(rows_with([1e-16, 1e-6, 1e-6]), "manual", 1e-10, 2, "compare.tol_manual", failures)
+
+    assert not result["passed"]
+    assert result["separation_epoch"] == 2
+    assert len(failures) == 1
+    assert "compare.tol_manual = 1e-10" in failures[0]
+    assert "first 2 epochs" in failures[0]
+
+
+def test_check_run_caps_checked_epochs_at_run_length():
+    failures = []
+    result = check_run(rows_with([0.0, 0.0], "manual_update"), "manual_update", 0.0, 10,
+                       "compare.tol_manual_update", failures)
+
+    assert result["passed"]
+    assert result["epochs_checked"] == 2
+    assert result["separation_epoch"] is None
+
+
+@pytest.mark.parametrize("differences", [[0.0, 1e-300], [5e-324]], ids=["tiny_later", "tiny_first"])
+def test_check_run_zero_tolerance_catches_any_difference(differences):
+    failures = []
+    result = check_run(rows_with(differences, "manual_update"), "manual_update", 0.0, 10,
+                       "compare.tol_manual_update", failures)
+
+    assert not result["passed"]
+    assert len(failures) == 1
