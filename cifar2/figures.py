@@ -47,26 +47,26 @@ def gradcheck_errors(rows: Sequence[Mapping[str, Any]], path: str | Path,
 
 def compare_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
                    differences: Sequence[Mapping[str, Any]], path: str | Path) -> None:
-    """Training loss of each mode, and the per-epoch relative differences to ``torch``."""
+    """Plot the training loss of each run, and each run's per-epoch parameter difference to ``torch``."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     styles = {"torch": "-", "manual_update": "--", "manual": ":"}
-    for mode, history in histories.items():
+    for name, history in histories.items():
         epochs = [row["epoch"] for row in history]
-        left.plot(epochs, [row["train_loss"] for row in history], styles.get(mode, "-"),
-                  linewidth=2, label=mode)
+        left.plot(epochs, [row["train_loss"] for row in history], styles.get(name, "-."),
+                  linewidth=2 if name in styles else 1, label=name)
     left.set_xlabel("epoch")
     left.set_ylabel("training loss (cross-entropy)")
-    left.set_title("Training loss of the three modes")
+    left.set_title("Training loss")
     left.legend()
 
     epochs = [row["epoch"] for row in differences]
-    for key, label in (("loss_diff_manual_update", "manual_update vs torch"),
-                       ("loss_diff_manual", "manual vs torch")):
-        values = [max(row[key], 1e-18) for row in differences]
-        right.plot(epochs, values, marker=".", label=label)
+    names = [name for name in histories if name != "torch"]
+    for name in names:
+        values = [max(row[f"param_diff_{name}"], 1e-18) for row in differences]
+        right.plot(epochs, values, marker=".", label=f"{name} vs torch")
     right.set_yscale("log")
     right.set_xlabel("epoch")
-    right.set_ylabel("relative difference of the training loss (1e-18 = equal)")
+    right.set_ylabel("relative parameter difference (1e-18 = equal)")
     right.set_title("Per-epoch difference to torch")
     right.legend()
     _save(figure, path)

@@ -95,6 +95,17 @@ def _compare_section(compare: Mapping[str, Any], epochs: int) -> str:
                      "Differences in the last bit of the loss gradient grow during training until one "
                      "switches a ReLU unit, and from then on the two runs follow different trajectories. "
                      "The per-step check shows that the gradients themselves still agree.")
+    control = compare.get("torch_perturbed_vs_torch")
+    if control is not None:
+        if control["separation_epoch"] is None:
+            whole_run += (" As a control, `torch` started with one weight moved by one unit in the last "
+                          f"place stays within the tolerance of `torch` for all {epochs} epochs "
+                          f"(final parameter difference {ERROR.format(control['final_param_diff'])}).")
+        else:
+            whole_run += (" As a control, `torch` started with one weight moved by one unit in the last "
+                          f"place separates from `torch` in epoch {control['separation_epoch']} and ends "
+                          f"{ERROR.format(control['final_param_diff'])} apart in the parameters, so a "
+                          "last-bit change alone is enough for such a separation.")
     return "\n\n".join([
         "## Manual training against PyTorch",
         f"One configuration (lr {config['lr']:g}, weight decay {config['weight_decay']:g}, momentum "

@@ -12,6 +12,10 @@ Three checks decide whether the stage passes:
    (``compare.tol_manual``). Later epochs are measured and plotted but not checked, because long
    runs can separate: a last-bit difference in the loss gradient grows until it switches a ReLU
    unit, and from then on the two runs follow different, equally valid trajectories.
+
+A fourth run, ``torch_perturbed``, is the control for check 3: mode torch from the same weights
+with one weight moved by one unit in the last place (ulp). It shows how far torch itself drifts
+from a last-bit change, and it is reported, not checked.
 """
 
 import logging
@@ -54,6 +58,8 @@ METRICS = Path("metrics/compare.json")
 PLOT_DATA = Path("plots/compare.csv")
 FIGURE = Path("plots/compare.png")
 
+CONTROL = "torch_perturbed"
+
 logger = logging.getLogger("stages.compare")
 
 
@@ -66,6 +72,14 @@ def parameter_difference(model_a, model_b) -> float:
 def scalar_difference(a: float, b: float) -> float:
     """``|a - b| / (|a| + |b|)`` in float64, the scalar form of ``relative_error``."""
     return relative_error(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+
+
+def perturb_one_weight(model) -> None:
+    """Move weight ``W[1][0, 0]`` to the next representable value above it, a one-ulp change."""
+    with torch.no_grad():
+        weight = model.linear(1).weight
+        weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(math.inf, dtype=weight.dtype,
+                                                                  device=weight.device))
 
 
 def check_run(rows: list[dict], mode: str, tolerance: float, epochs_checked: int, tolerance_key: str,
@@ -121,8 +135,8 @@ def main() -> None:
     splits = load_splits(EXTRACTED, SPLIT, dtype, device)
     config = OptimizerConfig(lr=params["compare.lr"], momentum=params["compare.momentum"],
                              weight_decay=params["compare.weight_decay"])
-    logger.info("Training %s for %d epochs in modes %s.", config, params["train.epochs"],
-                ", ".join(MODES))
+    logger.info("Training %s for %d epochs in modes %s, and the control %s (mode torch, one weight "
+                "moved by one ulp).", config, params["train.epochs"], ", ".join(MODES), CONTROL)
 
     trainers = {}
     gradient_check = None
@@ -138,6 +152,12 @@ def main() -> None:
     if parameter_difference(trainers["torch"].model, trainers["manual"].model) != 0.0:
         raise VerificationError("The three modes did not start from identical weights; "
                                 "build_model must seed right before creating each model.")
+    control = build_model(params["model.hidden_sizes"], params["model.activation"],
+                          len(splits.class_names), params["base.seed"], dtype, device)
+    perturb_one_weight(control)
+    trainers[CONTROL] = Trainer(control, "torch", config, splits.train_x, splits.train_y, splits.val_x,
+                                splits.val_y, params["train.batch_size"], params["train.shuffle"],
+                                params["base.seed"], description=CONTROL)
 
     rows = []
     for epoch in tqdm(range(1, params["train.epochs"] + 1), desc="compare", unit="epoch"):
@@ -148,8 +168,8 @@ def main() -> None:
                                     f"{config}. Lower compare.lr or compare.momentum.")
         reference = epoch_rows["torch"]["train_loss"]
         row = {"epoch": epoch}
-        row.update({f"loss_{mode}": epoch_rows[mode]["train_loss"] for mode in MODES})
-        for mode in ("manual_update", "manual"):
+        row.update({f"loss_{name}": epoch_rows[name]["train_loss"] for name in trainers})
+        for mode in ("manual_update", "manual", CONTROL):
             row[f"loss_diff_{mode}"] = scalar_difference(epoch_rows[mode]["train_loss"], reference)
             row[f"param_diff_{mode}"] = parameter_difference(trainers[mode].model,
                                                              trainers["torch"].model)
@@ -168,6 +188,9 @@ def main() -> None:
                                            params["compare.tol_manual_epochs"], "compare.tol_manual", failures)
     metrics["manual_backward_vs_autograd"] = check_step_gradients(gradient_check, params["compare.tol_gradient"],
                                                                   failures)
+    # The control is measured like the manual run, but its result never fails the stage.
+    metrics[f"{CONTROL}_vs_torch"] = check_run(rows, CONTROL, params["compare.tol_manual"],
+                                               params["compare.tol_manual_epochs"], "compare.tol_manual", [])
     metrics["final"] = {mode: {"train_loss": result.final_train_loss,
                                "train_accuracy": result.final_train_accuracy,
                                "val_accuracy": result.final_val_accuracy,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from stages.compare import check_run
+from cifar2.training import build_model
+from stages.compare import check_run, perturb_one_weight
 
 
 def rows_with(differences: list[float], mode: str = "manual") -> list[dict]:
@@ -55,3 +57,20 @@ def test_check_run_zero_tolerance_catches_any_difference(differences):
 
     assert not result["passed"]
     assert len(failures) == 1
+
+
+def test_perturb_one_weight_moves_one_ulp():
+    model = build_model([4], "relu", 2, seed=0, dtype=torch.float64)
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+
+    perturb_one_weight(model)
+
+    after = list(model.parameters())
+    changed = (after[0] != before[0]).nonzero().tolist()
+    assert changed == [[0, 0]]
+    original, moved = before[0][0, 0].item(), after[0][0, 0].item()
+    assert moved > original
+    assert torch.nextafter(torch.tensor(original, dtype=torch.float64),
+                           torch.tensor(float("inf"), dtype=torch.float64)).item() == moved
+    for name, old, new in zip(["bias 1", "weight 2", "bias 2"], before[1:], after[1:]):
+        assert torch.equal(old, new), name

@@ -171,6 +171,9 @@ def test_compare_and_gradcheck_pass(pipeline):
     assert steps["max_relative_error"] <= 1e-10
     assert steps["steps"] > 0
     assert steps["passed"]
+    control = compare["torch_perturbed_vs_torch"]
+    assert 0.0 < control["max_param_diff_checked"] <= 1e-10
+    assert set(compare["final"]) == {"torch", "manual_update", "manual", "torch_perturbed"}
     gradcheck = json.loads((repo / "metrics" / "gradcheck.json").read_text())
     assert gradcheck["max_error_autograd"] <= 1e-10
     assert gradcheck["max_error_finite_diff"] <= 1e-6
