@@ -198,7 +198,7 @@ def test_store_grad_writes_gradients():
         assert layer.bias.grad is model.dL_db[l], f"layer {l} bias: .grad is a copy"
 
 
-def test_store_grad_false_after_true_keeps_the_stored_grad():
+def test_store_grad_false_keeps_shared_grad():
     model = seeded_model([6, 5, 4, 3], ["relu", "relu", "identity"])
     x, y = make_batch(model, "cross_entropy", 7, seed=4)
     run_manual_backward(model, CrossEntropy(), x, y, store_grad=True)

@@ -77,7 +77,7 @@ def test_sgd_matches_torch_exactly(config):
     dict(lr=LR, momentum=0.9, weight_decay=0.01),
     dict(lr=LR, maximize=True, momentum=0.9, weight_decay=0.01, nesterov=True),
 ], ids=config_id)
-def test_sgd_step_leaves_the_gradient_it_used_in_grad(config):
+def test_sgd_step_leaves_used_gradient(config):
     model = small_model()
     optimizer = SGD(model.parameters(), **config)
     x, y = fixed_batch()

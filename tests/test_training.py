@@ -273,7 +273,7 @@ def test_before_update_runs_before_each_step(data, mode):
     trainer.run_epoch()
 
     assert [(n_outputs, n_labels) for n_outputs, n_labels, _ in calls] == [(16, 16), (16, 16), (8, 8)]
-    # The first call sees the initial weights: the optimizer has not moved them yet.
+    # The first call gets the initial weights, because the optimizer has not moved them yet.
     for before, start in zip(calls[0][2], weights_at_start):
         assert torch.equal(before, start)
     for before, start in zip(calls[1][2], weights_at_start):
