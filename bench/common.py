@@ -7,6 +7,7 @@ there: nothing in the repository is written.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import platform
@@ -111,10 +112,16 @@ def load_data(dtype: torch.dtype, seed: int) -> Data:
     )
 
 
+def thread_count(text: str) -> int:
+    """Parse the ``--threads`` option: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def set_threads(threads: int | None) -> None:
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}.")
         torch.set_num_threads(threads)
 
 

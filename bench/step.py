@@ -29,7 +29,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import (DEVICE, Timing, format_table, load_average, load_data, load_experiment,
+from bench.common import (thread_count, DEVICE, Timing, format_table, load_average, load_data, load_experiment,
                           machine_summary, set_threads, setup_logging)
 from cifar2.training import _step, build_model, make_optimizer
 
@@ -46,7 +46,7 @@ def parse_arguments() -> argparse.Namespace:
                         help="timed steps per variant (default 300)")
     parser.add_argument("--warmup", type=int, default=30,
                         help="untimed steps per variant before timing (default 30)")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=thread_count,
                         help="intra-op threads for PyTorch (default: PyTorch's choice)")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile each variant with torch.profiler and print the "

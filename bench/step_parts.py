@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.common import (DEVICE, Timing, format_table, load_average, load_data, load_experiment,
+from bench.common import (thread_count, DEVICE, Timing, format_table, load_average, load_data, load_experiment,
                           machine_summary, set_threads, setup_logging)
 from bench.step import full_batches
 from cifar2 import backprop
@@ -45,7 +45,7 @@ def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=300, help="timed repeats (default 300)")
     parser.add_argument("--warmup", type=int, default=30, help="untimed repeats first (default 30)")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=thread_count,
                         help="intra-op threads for PyTorch (default: PyTorch's choice)")
     arguments = parser.parse_args()
     if arguments.repeats < 2 or arguments.warmup < 0:

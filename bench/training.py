@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from typing import Callable, Sequence
 import torch
 
 from bench import pipeline
-from bench.common import (DEVICE, Data, Experiment, Timing, format_table, load_average, load_data,
+from bench.common import (thread_count, DEVICE, Data, Experiment, Timing, format_table, load_average, load_data,
                           load_experiment, machine_summary, set_threads, setup_logging)
 from cifar2.network import N_INPUTS
 from cifar2.training import MODES, Trainer, _step, build_model, evaluate
@@ -65,7 +66,7 @@ def parse_arguments() -> argparse.Namespace:
                         help="timings of each GEMM set after every round of epochs (default 10)")
     parser.add_argument("--steps", type=int, default=200,
                         help="single steps per mode, each paired with one GEMM set (default 200)")
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--threads", type=thread_count,
                         help="intra-op threads for PyTorch in this process (default: PyTorch's "
                              "choice); stage processes of --pipeline and --memory keep their default")
     parser.add_argument("--momentum", type=float,
@@ -91,10 +92,10 @@ def parse_arguments() -> argparse.Namespace:
     arguments = parser.parse_args()
     if arguments.epochs < 2 or arguments.warmup_epochs < 0 or arguments.repeats < 1 or arguments.steps < 2:
         parser.error("--epochs must be >= 2, --warmup-epochs >= 0, --repeats >= 1 and --steps >= 2.")
-    for name in ("momentum", "weight_decay"):
-        value = getattr(arguments, name)
-        if value is not None and value < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}.")
+    if arguments.momentum is not None and not 0 <= arguments.momentum < 1:
+        parser.error(f"--momentum must satisfy 0 <= momentum < 1, got {arguments.momentum}.")
+    if arguments.weight_decay is not None and not 0 <= arguments.weight_decay < math.inf:
+        parser.error(f"--weight-decay must be a finite number >= 0, got {arguments.weight_decay}.")
     for name in ("pipeline_epochs", "memory_epochs"):
         value = getattr(arguments, name)
         if value is not None and value < 1:

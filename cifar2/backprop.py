@@ -33,7 +33,8 @@ def backward(model: MLP, dL_dout: torch.Tensor, store_grad: bool = True, debug: 
         store_grad: also hand the gradients to each parameter's ``.grad``, so an optimizer
             (manual or ``torch.optim``) can take a step with them. As with autograd, nothing is
             copied: ``.grad`` and ``model.dL_dw[l]`` share one tensor, which the next backward
-            pass overwrites. Without ``store_grad``, ``.grad`` is left as it was.
+            pass overwrites, and so does ``cifar2.optimizer.SGD.step``, which adds weight decay
+            to ``.grad`` in place. Without ``store_grad``, ``.grad`` is left as it was.
         debug: log each layer's tensor shapes, for readers following the formulas.
 
     Runs under ``torch.no_grad()``, so it records no autograd graph.

@@ -15,6 +15,8 @@ whose truncation error is O(h**2), against O(h) for the one-sided formula; in fl
 from __future__ import annotations
 
 import logging
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -187,8 +189,10 @@ class StepGradientCheck:
         self.model, self.loss, self.backward_fn = model, loss, backward_fn
         self.max_error = 0.0
         self.steps = 0
+        self.seconds = 0.0  # time spent in the check, which a Trainer counts as training time
 
     def __call__(self, output: torch.Tensor, y: torch.Tensor) -> None:
+        started = time.perf_counter()
         # An output without a graph means the step ran in mode manual, where .grad is the manual
         # gradient itself and the check would compare it with itself.
         if not output.requires_grad:
@@ -199,5 +203,9 @@ class StepGradientCheck:
             layer = self.model.linear(l)
             for autograd_gradient, manual_gradient in ((layer.weight.grad, self.model.dL_dw[l]),
                                                        (layer.bias.grad, self.model.dL_db[l])):
-                self.max_error = max(self.max_error, relative_error(autograd_gradient, manual_gradient))
+                error = relative_error(autograd_gradient, manual_gradient)
+                # A NaN error must stay the maximum, so a non-finite gradient fails the check.
+                if math.isnan(error) or error > self.max_error:
+                    self.max_error = error
         self.steps += 1
+        self.seconds += time.perf_counter() - started

@@ -27,10 +27,11 @@ class SGD:
     the two agree while ``lr`` is constant. Each line uses the same tensor operation as PyTorch's
     single-tensor implementation, so the results are equal to the last bit on the CPU.
 
-    Unlike PyTorch, ``step`` computes ``g`` in the storage of ``.grad``. Afterwards ``.grad``
-    contains the ``g`` that the update used, negated for ``maximize`` and with ``lambda * theta``
-    added. Writing in place saves a new tensor per parameter, and memory traffic is what limits
-    the speed of this update. Compute fresh gradients before the next ``step``.
+    Unlike PyTorch, ``step`` runs the first two lines in the storage of ``.grad``, so afterwards
+    ``.grad`` contains ``g`` negated for ``maximize`` and with ``lambda * theta`` added, the value
+    before the momentum lines. Writing in place saves a new tensor per parameter, and memory
+    traffic is what limits the speed of this update. Compute fresh gradients before the next
+    ``step``.
 
     Args:
         params: the parameters to update; their ``.grad`` holds ``g``.

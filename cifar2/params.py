@@ -85,7 +85,10 @@ def as_int(key: str, value: Any, low: int | None = None, high: int | None = None
     if isinstance(value, int):
         number = value
     else:
-        number = as_float(key, value)
+        try:
+            number = as_float(key, value)
+        except ParamsError:
+            raise _fail(key, value, "expected an integer", f"Set {key} to a whole number.") from None
         if not number.is_integer():
             raise _fail(key, value, "expected an integer", f"Set {key} to a whole number.")
     number = int(number)
@@ -282,7 +285,8 @@ def read_params_file(path: str | Path = "params.yaml") -> dict[str, Any]:
                           "Fix the spelling or remove it.")
     missing = sorted(set(SCHEMA) - set(flat))
     if missing:
-        raise ParamsError(f"{path}: missing key {missing[0]!r}. Add it; see the README for defaults.")
+        raise ParamsError(f"{path}: missing key {missing[0]!r}. Add it: the committed "
+                          "params.yaml (git show HEAD:params.yaml) lists every key with its default.")
     return {key: SCHEMA[key](key, value) for key, value in flat.items()}
 
 

@@ -9,8 +9,8 @@ All three see the same batches in the same order, so from identical initial weig
 the same trajectory up to rounding. ``torch`` and ``manual_update`` round alike and stay equal to
 the last bit. ``manual`` rounds the loss gradient differently in the last bit, and long runs
 amplify that: once a difference is large enough to switch a ReLU unit on a different side, the
-two runs separate. Over 50 epochs of the compare stage's configuration this happened after epoch
-36 on one CPU (MKL on an Intel Xeon) and not at all on another (an AMD EPYC).
+two runs separate. Over 50 epochs of the compare stage's configuration this happened in epoch 35
+on one CPU (MKL on an Intel Xeon) and not at all on another (an AMD EPYC).
 """
 
 from __future__ import annotations

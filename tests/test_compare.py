@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -74,3 +76,13 @@ def test_perturb_one_weight_moves_one_ulp():
                            torch.tensor(float("inf"), dtype=torch.float64)).item() == moved
     for name, old, new in zip(["bias 1", "weight 2", "bias 2"], before[1:], after[1:]):
         assert torch.equal(old, new), name
+
+
+def test_check_run_fails_on_nan():
+    failures = []
+    result = check_run(rows_with([1e-16, math.nan, 1e-16]), "manual", 1e-10, 3, "compare.tol_manual", failures)
+
+    assert not result["passed"]
+    assert result["separation_epoch"] == 2
+    assert math.isnan(result["max_loss_diff"])
+    assert len(failures) == 1

@@ -3,6 +3,8 @@ whether it catches a broken backward pass."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -301,3 +303,14 @@ def test_step_check_catches_broken_backward(bug):
 def test_step_check_needs_autograd_gradients():
     with pytest.raises(ValueError, match="mode torch or manual_update"):
         step_check_run("manual")
+
+
+def test_step_check_fails_on_nan_gradient():
+    def nan_backward(model: MLP, dL_dout: torch.Tensor, store_grad: bool = True, debug: bool = False) -> None:
+        make_backward()(model, dL_dout, store_grad=store_grad)
+        model.dL_dw[1] = torch.full_like(model.dL_dw[1], float("nan"))
+
+    check = step_check_run("torch", nan_backward)
+
+    assert math.isnan(check.max_error)
+    assert not check.max_error <= TOLERANCE_AUTOGRAD

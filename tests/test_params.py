@@ -414,3 +414,26 @@ def test_non_utf8_file_rejected(tmp_path):
 
     with pytest.raises(ParamsError):
         read_params_file(params_file)
+
+
+@pytest.mark.parametrize("value", ["abc", [1, 2], float("inf")], ids=["string", "list", "infinity"])
+def test_non_number_for_int_asks_whole_number(tmp_path, value):
+    params_file = edited_params(tmp_path, ("compare", "tol_manual_epochs"), value)
+
+    with pytest.raises(ParamsError) as raised:
+        read_params_file(params_file)
+
+    message = str(raised.value)
+    assert "compare.tol_manual_epochs" in message
+    assert "expected an integer" in message
+    assert "whole number" in message
+
+
+def test_missing_key_names_committed_defaults(tmp_path):
+    tree = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    del tree["compare"]["tol_gradient"]
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(tree))
+
+    with pytest.raises(ParamsError, match=r"missing key 'compare.tol_gradient'.*git show HEAD:params.yaml"):
+        read_params_file(params_file)
