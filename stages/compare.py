@@ -205,7 +205,7 @@ def main() -> None:
     # The control is measured like the manual run, but its result never fails the stage.
     metrics[f"{CONTROL}_vs_torch"] = check_run(rows, CONTROL, params["compare.tol_manual"],
                                                params["compare.tol_manual_epochs"], "compare.tol_manual", [])
-    # The torch run's loop also ran the per-step check; its time is reported on its own.
+    # The torch run's loop also ran the per-step check, whose time is reported on its own.
     results["torch"].train_seconds -= gradient_check.seconds
     metrics["final"] = {mode: {"train_loss": result.final_train_loss,
                                "train_accuracy": result.final_train_accuracy,
