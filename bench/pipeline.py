@@ -18,9 +18,10 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import psutil
 import yaml
@@ -100,6 +101,20 @@ def prepare_repository(prefix: str, environment: dict[str, str], epochs: int | N
         shutil.copytree(REPO_ROOT / DVC_PLOTS, root / DVC_PLOTS, dirs_exist_ok=True)
     logger.info("Prepared the temporary repository %s.", root)
     return root
+
+
+@contextmanager
+def temporary_repository(prefix: str, environment: dict[str, str], epochs: int | None, keep: bool,
+                         logs: str) -> Iterator[Path]:
+    """Yield a prepared copy of the pipeline, and delete it afterwards unless ``keep``."""
+    repo = prepare_repository(prefix, environment, epochs)
+    try:
+        yield repo
+    finally:
+        if not keep:
+            shutil.rmtree(repo, ignore_errors=True)
+    if keep:
+        logger.info("Kept %s with the logs %s.", repo, logs)
 
 
 def stage_process_name(process: psutil.Process) -> str | None:
@@ -223,8 +238,8 @@ class PipelineResult:
 def benchmark_pipeline(archive: str | None, epochs: int | None, keep: bool) -> PipelineResult:
     """Section (c): ``dvc repro -f`` of a temporary copy, then a no-op ``dvc repro``."""
     environment = tool_environment(resolve_archive(archive))
-    repo = prepare_repository("cifar2-bench-pipeline-", environment, epochs)
-    try:
+    with temporary_repository("cifar2-bench-pipeline-", environment, epochs, keep,
+                              "repro-full.log and repro-noop.log") as repo:
         load_before = load_average()
         full = run_repro(repo, environment, ["-f"], repo / "repro-full.log")
         no_op = run_repro(repo, environment, [], repo / "repro-noop.log")
@@ -233,11 +248,6 @@ def benchmark_pipeline(archive: str | None, epochs: int | None, keep: bool) -> P
         commands = {stage: entry.get("cmd", "") for stage, entry in lock["stages"].items()}
         result = PipelineResult(repo, full, no_op, training_seconds(repo), commands, load_before,
                                 load_after)
-    finally:
-        if not keep:
-            shutil.rmtree(repo, ignore_errors=True)
-    if keep:
-        logger.info("Kept %s with the logs repro-full.log and repro-noop.log.", repo)
     return result
 
 
@@ -349,8 +359,7 @@ def provide_data(repo: Path, environment: dict[str, str]) -> None:
 def benchmark_memory(archive: str | None, epochs: int | None, keep: bool) -> MemoryResult:
     """Section (d): peak RSS of one sweep stage process, with ``import`` baselines."""
     environment = tool_environment(resolve_archive(archive))
-    repo = prepare_repository("cifar2-bench-memory-", environment, epochs)
-    try:
+    with temporary_repository("cifar2-bench-memory-", environment, epochs, keep, "memory-*.log") as repo:
         provide_data(repo, environment)
         params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
         result = MemoryResult(repo, params["train"]["epochs"], load_before=load_average())
@@ -365,11 +374,6 @@ def benchmark_memory(archive: str | None, epochs: int | None, keep: bool) -> Mem
             result.processes.append(measure_process(label, command, repo, environment,
                                                     repo / f"memory-{index}.log"))
         result.load_after = load_average()
-    finally:
-        if not keep:
-            shutil.rmtree(repo, ignore_errors=True)
-    if keep:
-        logger.info("Kept %s with the logs memory-*.log.", repo)
     return result
 
 

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -36,6 +36,12 @@ def relative_error(reference: torch.Tensor, value: torch.Tensor) -> float:
     if denominator == 0.0:
         return 0.0
     return (reference - value).norm().item() / denominator
+
+
+def largest(values: Iterable[float]) -> float:
+    """Return the maximum of ``values``, or NaN if any of them is NaN (Python's ``max`` may skip NaN)."""
+    values = list(values)
+    return math.nan if any(math.isnan(value) for value in values) else max(values)
 
 
 def manual_gradients(model: MLP, loss, x: torch.Tensor, y: torch.Tensor,
@@ -203,9 +209,7 @@ class StepGradientCheck:
             layer = self.model.linear(l)
             for autograd_gradient, manual_gradient in ((layer.weight.grad, self.model.dL_dw[l]),
                                                        (layer.bias.grad, self.model.dL_db[l])):
-                error = relative_error(autograd_gradient, manual_gradient)
-                # A NaN error must stay the maximum, so a non-finite gradient fails the check.
-                if math.isnan(error) or error > self.max_error:
-                    self.max_error = error
+                # A NaN error stays the maximum, so a non-finite gradient fails the check.
+                self.max_error = largest([self.max_error, relative_error(autograd_gradient, manual_gradient)])
         self.steps += 1
         self.seconds += time.perf_counter() - started

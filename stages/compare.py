@@ -28,7 +28,7 @@ from tqdm import tqdm
 from cifar2 import figures
 from cifar2.data import load_splits
 from cifar2.errors import VerificationError
-from cifar2.gradcheck import StepGradientCheck, relative_error
+from cifar2.gradcheck import StepGradientCheck, largest, relative_error
 from cifar2.losses import CrossEntropy
 from cifar2.outputs import remove_outputs, write_csv, write_json
 from cifar2.params import load_params
@@ -80,12 +80,6 @@ def perturb_one_weight(model) -> None:
         weight = model.linear(1).weight
         weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(math.inf, dtype=weight.dtype,
                                                                   device=weight.device))
-
-
-def largest(values) -> float:
-    """Return the maximum of ``values``, or NaN if any of them is NaN (Python's ``max`` may skip NaN)."""
-    values = list(values)
-    return math.nan if any(math.isnan(value) for value in values) else max(values)
 
 
 def check_run(rows: list[dict], mode: str, tolerance: float, epochs_checked: int, tolerance_key: str,
@@ -149,26 +143,24 @@ def main() -> None:
                        "checked over all %d epochs.", params["compare.tol_manual_epochs"],
                        params["train.epochs"], params["train.epochs"])
 
+    # Each run's training mode; the control trains like torch.
+    runs = {**{mode: mode for mode in MODES}, CONTROL: "torch"}
     trainers = {}
     gradient_check = None
-    for mode in MODES:
+    for name, mode in runs.items():
         model = build_model(params["model.hidden_sizes"], params["model.activation"],
                             len(splits.class_names), params["base.seed"], dtype, device)
-        if mode == "torch":
-            gradient_check = StepGradientCheck(model, CrossEntropy())
-        trainers[mode] = Trainer(model, mode, config, splits.train_x, splits.train_y, splits.val_x,
+        before_update = None
+        if name == "torch":
+            gradient_check = before_update = StepGradientCheck(model, CrossEntropy())
+        elif name == CONTROL:
+            perturb_one_weight(model)
+        trainers[name] = Trainer(model, mode, config, splits.train_x, splits.train_y, splits.val_x,
                                  splits.val_y, params["train.batch_size"], params["train.shuffle"],
-                                 params["base.seed"], description=mode,
-                                 before_update=gradient_check if mode == "torch" else None)
+                                 params["base.seed"], description=name, before_update=before_update)
     if parameter_difference(trainers["torch"].model, trainers["manual"].model) != 0.0:
         raise VerificationError("The three modes did not start from identical weights; "
                                 "build_model must seed right before creating each model.")
-    control = build_model(params["model.hidden_sizes"], params["model.activation"],
-                          len(splits.class_names), params["base.seed"], dtype, device)
-    perturb_one_weight(control)
-    trainers[CONTROL] = Trainer(control, "torch", config, splits.train_x, splits.train_y, splits.val_x,
-                                splits.val_y, params["train.batch_size"], params["train.shuffle"],
-                                params["base.seed"], description=CONTROL)
 
     rows = []
     for epoch in tqdm(range(1, params["train.epochs"] + 1), desc="compare", unit="epoch"):
